@@ -1,0 +1,125 @@
+"""blender_taskqueue: run long jobs on worker threads and keep Blender responsive.
+
+``import blender_taskqueue as tq`` works in plain Python (no bpy). Importing
+starts nothing: no threads, timers or handlers. In Blender, ``register()``
+starts the add-on's engine and pump; ``unregister()`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+from .api import (
+    cancel,
+    clear_finished,
+    configure,
+    drain_events,
+    engine,
+    flush,
+    get,
+    jobs,
+    move,
+    on_finished,
+    pause,
+    pump,
+    release,
+    resume,
+    retry,
+    run,
+    run_main_calls,
+    set_engine,
+    stats,
+    submit,
+    submit_many,
+    wait,
+)
+from .engine import (
+    PRIORITY_NAMES,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineStats,
+    Event,
+    InvalidParams,
+    InvalidStateError,
+    JobCancelled,
+    JobContext,
+    JobError,
+    JobInfo,
+    JobNotFound,
+    JobState,
+    QueueFull,
+    TaskQueueError,
+    UnknownKind,
+    current_context,
+    job_kind,
+)
+
+__version__ = "0.1.0"
+
+# Read by Blender 3.4 to 4.1, where this loads as a legacy add-on; Blender 4.2+
+# reads blender_manifest.toml instead.
+bl_info = {
+    "name": "Task Queue",
+    "author": "blender_taskqueue developers",
+    "version": (0, 1, 0),
+    "blender": (3, 4, 0),
+    "location": "3D Viewport > Sidebar > Task Queue",
+    "description": "Run long jobs in the background and keep Blender responsive",
+    "category": "System",
+}
+
+
+def register() -> None:
+    from . import blender
+
+    blender.register()
+
+
+def unregister() -> None:
+    from . import blender
+
+    blender.unregister()
+
+
+__all__ = [
+    "PRIORITY_NAMES",
+    "Engine",
+    "EngineClosed",
+    "EngineConfig",
+    "EngineStats",
+    "Event",
+    "InvalidParams",
+    "InvalidStateError",
+    "JobCancelled",
+    "JobContext",
+    "JobError",
+    "JobInfo",
+    "JobNotFound",
+    "JobState",
+    "QueueFull",
+    "TaskQueueError",
+    "UnknownKind",
+    "cancel",
+    "clear_finished",
+    "configure",
+    "current_context",
+    "drain_events",
+    "engine",
+    "flush",
+    "get",
+    "job_kind",
+    "jobs",
+    "move",
+    "on_finished",
+    "pause",
+    "pump",
+    "release",
+    "resume",
+    "retry",
+    "run",
+    "run_main_calls",
+    "set_engine",
+    "stats",
+    "submit",
+    "submit_many",
+    "wait",
+]

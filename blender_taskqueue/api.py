@@ -1,0 +1,143 @@
+"""The module-level console API: ``tq.submit(...)`` and friends act on one shared engine.
+
+In Blender the add-on installs its engine (configured from the preferences)
+with ``set_engine``; in plain Python the first call creates and starts a
+default engine with no persistence. Either way there is one engine per
+process, whichever copy of the package a script imported.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any, Callable, Optional, Union
+
+from .engine import Engine, EngineConfig, EngineStats, Event, JobInfo
+from .engine.shared import shared
+
+IDLE_DELAY = 1.0
+ACTIVE_DELAY = 0.1
+MAIN_CALL_BUDGET_S = 0.008
+
+
+def engine() -> Engine:
+    """The shared engine, created and started on first use."""
+    state = shared()
+    eng = state.engine
+    if eng is not None:
+        return eng
+    with state.lock:
+        if state.engine is None:
+            eng = Engine(EngineConfig())
+            eng.main_tick = pump
+            eng.start()
+            state.engine = eng
+            atexit.register(_shutdown_at_exit, eng)
+        return state.engine
+
+
+def set_engine(new: Optional[Engine]) -> Optional[Engine]:
+    """Make ``new`` the shared engine (None forgets it). Returns the previous one."""
+    state = shared()
+    with state.lock:
+        old, state.engine = state.engine, new
+        if new is not None and new.main_tick is None:
+            new.main_tick = pump
+        return old
+
+
+def _shutdown_at_exit(eng: Engine) -> None:
+    eng.shutdown(wait=True, timeout=2.0)
+
+
+def pump() -> float:
+    """One tick of the main-thread pump; returns the delay until the next tick.
+
+    In Blender this is the 10 Hz timer's function (drain events into the panel's
+    mirror, run main-thread calls within a budget, fire callbacks). In plain
+    Python it runs main-thread calls and discards events.
+    """
+    impl = shared().pump
+    if impl is not None:
+        return impl()
+    eng = engine()
+    eng.run_main_calls(MAIN_CALL_BUDGET_S)
+    eng.drain_events()
+    return ACTIVE_DELAY if eng.stats().running or eng.pending_main_calls else IDLE_DELAY
+
+
+def submit(kind: str, params: Any = None, **options: Any) -> str:
+    return engine().submit(kind, params, **options)
+
+
+def submit_many(specs: list[dict]) -> list[str]:
+    return engine().submit_many(specs)
+
+
+def run(fn: Callable[..., Any], *args: Any, label: Optional[str] = None,
+        priority: Union[str, int] = "normal", **kwargs: Any) -> str:
+    return engine().run(fn, *args, label=label, priority=priority, **kwargs)
+
+
+def get(job_id: str) -> JobInfo:
+    return engine().get(job_id)
+
+
+def jobs(states: Any = None) -> list[JobInfo]:
+    return engine().jobs(states)
+
+
+def cancel(job_id: str) -> bool:
+    return engine().cancel(job_id)
+
+
+def retry(job_id: str, params: Optional[dict] = None) -> str:
+    return engine().retry(job_id, params)
+
+
+def move(job_id: str, where: str) -> bool:
+    return engine().move(job_id, where)
+
+
+def release(ids: Any = None) -> int:
+    return engine().release(ids)
+
+
+def clear_finished() -> int:
+    return engine().clear_finished()
+
+
+def pause() -> None:
+    engine().pause()
+
+
+def resume() -> None:
+    engine().resume()
+
+
+def configure(**changes: Any) -> EngineConfig:
+    return engine().configure(**changes)
+
+
+def stats() -> EngineStats:
+    return engine().stats()
+
+
+def wait(ids: Any = None, timeout: Optional[float] = None) -> bool:
+    """Like ``Engine.wait``; on the main thread it keeps pumping while it waits."""
+    return engine().wait(ids, timeout)
+
+
+def on_finished(callback: Callable[[JobInfo], Any], *, on_main: bool = True) -> Callable[[], None]:
+    return engine().on_finished(callback, on_main=on_main)
+
+
+def flush() -> None:
+    engine().flush()
+
+
+def drain_events() -> list[Event]:
+    return engine().drain_events()
+
+
+def run_main_calls(budget_s: float = MAIN_CALL_BUDGET_S) -> int:
+    return engine().run_main_calls(budget_s)

@@ -1,0 +1,1178 @@
+"""The Engine: a priority queue of jobs run on a pool of daemon worker threads.
+
+Every state transition happens under one lock (``self._lock``), shared by three
+conditions: workers wait on ``_work_cv``, the watchdog on ``_timer_cv`` and
+``wait()`` callers on ``_done_cv``. Callbacks and handlers run with the lock
+released. A worker claims a job atomically (removes it from the scheduler and
+marks it dispatched under the lock), so a cancel and a start never both win.
+
+Workers are daemon threads, not a ``concurrent.futures`` pool: the pool joins
+its threads at interpreter exit, so one handler that ignores cancellation would
+hang Blender's quit. Here shutdown asks, waits a bounded time, records what did
+not stop, and lets the process exit.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import secrets
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+from . import kinds as _kinds
+from .context import JobContext, _local
+from .errors import (
+    EngineClosed,
+    InvalidParams,
+    InvalidStateError,
+    JobCancelled,
+    JobNotFound,
+    QueueFull,
+    UnknownKind,
+)
+from .events import EventQueue, MainCallQueue
+from .kinds import KindRegistry, KindSpec
+from .logs import EngineLog
+from .models import (
+    MOVE_WHERE,
+    EngineConfig,
+    EngineStats,
+    Event,
+    JobError,
+    JobInfo,
+    JobState,
+    parse_priority,
+    parse_states,
+)
+from .record import JobRecord
+from .resources import MemoryProbe
+from .scheduler import Scheduler
+
+PYTHON_CALL = "python.call"
+BACKOFF_CAP_S = 60.0
+EVICTED_MEMORY = 100_000  # evicted ids remembered, so wait() can tell "gone" from "never was"
+THROUGHPUT_WINDOW_S = 60.0
+
+_S = JobState
+_ACTIVE = (_S.DISPATCHED, _S.RUNNING)
+
+
+def _python_call(ctx: JobContext, params: dict) -> Any:
+    fn, args, kwargs = ctx._job.callable
+    return fn(*args, **kwargs)
+
+
+PYTHON_CALL_SPEC = KindSpec(
+    name=PYTHON_CALL,
+    handler=_python_call,
+    recoverable=False,
+    description="An ad-hoc Python callable (tq.run); not recoverable after a crash",
+)
+
+IdList = Union[str, Iterable[str], None]
+
+
+class Engine:
+    """Runs jobs of registered kinds on worker threads. See ``EngineConfig`` for limits.
+
+    Use ``start()`` then ``submit()``; ``shutdown()`` when done (or use it as a
+    context manager). Every public method is thread-safe.
+    """
+
+    def __init__(
+        self,
+        config: Optional[EngineConfig] = None,
+        *,
+        registry: Optional[KindRegistry] = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        memory_probe: Optional[MemoryProbe] = None,
+    ) -> None:
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self._config = config or EngineConfig()
+        self._registry = registry if registry is not None else _kinds.registry
+        self._clock = clock
+        self._wall = wall_clock
+        self._memory = memory_probe or MemoryProbe(clock)
+
+        self._lock = threading.Lock()
+        self._work_cv = threading.Condition(self._lock)
+        self._timer_cv = threading.Condition(self._lock)
+        self._done_cv = threading.Condition(self._lock)
+
+        self._jobs: dict[str, JobRecord] = {}
+        self._scheduler = Scheduler()
+        self._running: dict[str, JobRecord] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._evicted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._kind_running: collections.Counter[str] = collections.Counter()
+        self._backoff: list = []  # heap of (not_before, n, job)
+        self._deadlines: list = []  # heap of (deadline, n, job)
+        self._heap_n = itertools.count()
+        self._busy = 0
+        self._reserved_mb = 0
+        self._memory_blocked: Optional[JobRecord] = None
+        self._counts = collections.Counter()
+        self._finish_times: collections.deque[float] = collections.deque()
+        self._callbacks: list[tuple[Callable[[JobInfo], Any], bool]] = []
+
+        self._events = EventQueue()
+        self._main_calls = MainCallQueue()
+        self.main_tick: Optional[Callable[[], Any]] = None  # set by the Blender pump
+
+        self._workers: set[threading.Thread] = set()
+        self._watchdog: Optional[threading.Thread] = None
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._paused = False
+        self.order_version = 0  # bumped whenever the queue's order changes (for UI mirrors)
+        self.state_version = 0  # bumped on every change a snapshot writer must persist
+        self.recovery: Optional[Any] = None
+
+        self._id_prefix = secrets.token_hex(3)
+        self._id_counter = itertools.count(1)
+        self._log = EngineLog(self._config.log_dir, self._config.log_level, self._config.console_log)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def logger(self) -> Any:
+        return self._log.logger
+
+    @property
+    def log_path(self) -> Optional[Path]:
+        return self._log.path
+
+    @property
+    def is_running(self) -> bool:
+        return self._started and not self._closing
+
+    def start(self) -> "Engine":
+        """Start the workers and the watchdog. Jobs submitted before start wait for it.
+
+        Raises:
+            EngineClosed: the engine was shut down; engines are not restartable.
+        """
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("this engine was shut down; create a new Engine")
+            if self._started:
+                return self
+            self._started = True
+            self._spawn_workers_locked()
+            self._watchdog = threading.Thread(
+                target=self._watchdog_main, name="taskqueue-watchdog", daemon=True
+            )
+            self._watchdog.start()
+            self._work_cv.notify_all()
+        self.logger.info("engine started", max_workers=self._config.max_workers)
+        return self
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self, wait: bool = True, timeout: float = 5.0) -> None:
+        """Stop taking work and stop the threads.
+
+        Queued jobs stay queued (in the sidecar, when there is one). Running jobs
+        are asked to stop: resumable ones are left to resume at the next start,
+        others are recorded ``interrupted`` if they do not finish within
+        ``timeout`` seconds. A handler that ignores the request keeps running on
+        its daemon thread but never delays the process's exit.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            first = not self._closing
+            self._closing = True
+            if first:
+                for job in self._running.values():
+                    if not job.cancel_requested:
+                        self._request_stop_locked(job, "shutdown")
+            self._work_cv.notify_all()
+            self._timer_cv.notify_all()
+            self._done_cv.notify_all()
+        deadline = self._clock() + (timeout if wait else 0.0)
+        with self._lock:
+            while self._running:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._done_cv.wait(min(remaining, 0.05))
+            now_wall = self._wall()
+            for job in list(self._running.values()):
+                spec = self._spec_or_none(job.kind)
+                if spec is not None and spec.resumable:
+                    continue  # stays "running" on disk; adoption re-queues it from its checkpoint
+                job.message = f"did not stop within {timeout:g} s of shutdown"
+                self._terminal_locked(job, _S.INTERRUPTED, now_wall)
+            self._closed = True
+            self._work_cv.notify_all()
+            self._timer_cv.notify_all()
+            workers = [w for w in self._workers if w is not threading.current_thread()]
+            watchdog = self._watchdog
+        end = self._clock() + max(0.0, deadline - self._clock()) + 1.0
+        for thread in workers + ([watchdog] if watchdog else []):
+            thread.join(max(0.0, end - self._clock()))
+        self.logger.info("engine stopped", stuck_workers=sum(t.is_alive() for t in workers))
+        self._after_shutdown()
+        self._log.close()
+
+    def _after_shutdown(self) -> None:
+        """Hook for the snapshot store (flush on shutdown)."""
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        kind: str,
+        params: Any = None,
+        *,
+        priority: Union[str, int] = "normal",
+        label: Optional[str] = None,
+        timeout: Optional[float] = None,
+        max_retries: int = 0,
+        memory_mb: Optional[int] = None,
+        held: bool = False,
+    ) -> str:
+        """Queue a job and return its id at once.
+
+        Args:
+            kind: a registered kind name.
+            params: a dict (or the kind's params model) validated against the kind.
+            priority: "urgent" | "high" | "normal" | "low" or an int 0..9 (0 first).
+            label: shown in the UI; defaults to the kind name.
+            timeout: seconds from ``running`` after which the job fails with ``Timeout``.
+            max_retries: extra tries after a failure, with 1 s, 2 s, 4 s ... backoff.
+            memory_mb: memory the job needs; dispatch waits until it is free.
+            held: queue it but wait for ``release()`` before it runs.
+
+        Raises:
+            UnknownKind, InvalidParams, ValueError, TypeError: bad input; nothing queued.
+            QueueFull: ``max_queued`` jobs are already queued.
+            EngineClosed: the engine was shut down.
+        """
+        if kind == PYTHON_CALL:
+            raise InvalidParams("python.call jobs are made with run(fn, *args), not submit()")
+        job = self._build(kind, params, priority, label, timeout, max_retries, memory_mb, held)
+        with self._lock:
+            self._check_accepting_locked()
+            self._check_capacity_locked(1)
+            self._enqueue_locked(job)
+        return job.id
+
+    def submit_many(self, specs: list[dict]) -> list[str]:
+        """Queue several jobs, all or nothing. Each dict holds submit's arguments by name.
+
+        Raises:
+            The errors of ``submit``, naming the spec's index; nothing is queued.
+        """
+        if not isinstance(specs, (list, tuple)):
+            raise TypeError(f"submit_many takes a list of dicts, got {type(specs).__name__}")
+        allowed = {"kind", "params", "priority", "label", "timeout", "max_retries", "memory_mb", "held"}
+        built = []
+        for i, spec in enumerate(specs):
+            try:
+                if not isinstance(spec, dict):
+                    raise TypeError(f"a job spec must be a dict, got {type(spec).__name__}")
+                unknown = set(spec) - allowed
+                if unknown:
+                    raise TypeError(
+                        f"unknown job spec keys {sorted(unknown)} (allowed: {sorted(allowed)})"
+                    )
+                if "kind" not in spec:
+                    raise TypeError("a job spec needs a 'kind'")
+                if spec["kind"] == PYTHON_CALL:
+                    raise InvalidParams("python.call jobs are made with run(fn), not submit_many()")
+                built.append(
+                    self._build(
+                        spec["kind"],
+                        spec.get("params"),
+                        spec.get("priority", "normal"),
+                        spec.get("label"),
+                        spec.get("timeout"),
+                        spec.get("max_retries", 0),
+                        spec.get("memory_mb"),
+                        spec.get("held", False),
+                    )
+                )
+            except Exception as exc:
+                raise type(exc)(f"specs[{i}]: {exc}") from None
+        with self._lock:
+            self._check_accepting_locked()
+            self._check_capacity_locked(len(built))
+            for job in built:
+                self._enqueue_locked(job)
+        return [job.id for job in built]
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        label: Optional[str] = None,
+        priority: Union[str, int] = "normal",
+        **kwargs: Any,
+    ) -> str:
+        """Run ``fn(*args, **kwargs)`` as a job of kind ``python.call``; returns its id.
+
+        Such jobs cannot be recovered after a crash (they come back ``interrupted``).
+        Inside ``fn``, ``tq.current_context()`` gives the JobContext.
+        """
+        if not callable(fn):
+            raise TypeError(f"run() needs a callable, got {fn!r}")
+        name = f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', repr(fn))}"
+        job = self._build(PYTHON_CALL, {"callable": name}, priority, label or name, None, 0, None, False)
+        job.callable = (fn, args, kwargs)
+        with self._lock:
+            self._check_accepting_locked()
+            self._check_capacity_locked(1)
+            self._enqueue_locked(job)
+        return job.id
+
+    def _spec_or_none(self, kind: str) -> Optional[KindSpec]:
+        return PYTHON_CALL_SPEC if kind == PYTHON_CALL else self._registry.find(kind)
+
+    def _build(
+        self,
+        kind: Any,
+        params: Any,
+        priority: Any,
+        label: Any,
+        timeout: Any,
+        max_retries: Any,
+        memory_mb: Any,
+        held: Any,
+    ) -> JobRecord:
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a kind name (str), got {kind!r}")
+        spec = PYTHON_CALL_SPEC if kind == PYTHON_CALL else self._registry.get(kind)
+        json_params = spec.validate_params(params)
+        prio = parse_priority(priority)
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"label must be a str or None, got {type(label).__name__}")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+            timeout = float(timeout)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if memory_mb is not None:
+            if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
+                raise ValueError(f"memory_mb must be a positive int or None, got {memory_mb!r}")
+            limit = self._config.max_memory_mb
+            if limit is not None and memory_mb > limit:
+                raise ValueError(
+                    f"memory_mb={memory_mb} exceeds max_memory_mb={limit}: the job could never start"
+                )
+        if not isinstance(held, bool):
+            raise TypeError(f"held must be a bool, got {held!r}")
+        return JobRecord(
+            f"{self._id_prefix}-{next(self._id_counter)}",
+            kind,
+            label if label else kind,
+            json_params,
+            prio,
+            self._wall(),
+            max_retries=max_retries,
+            timeout=timeout,
+            memory_mb=memory_mb,
+            held=held,
+        )
+
+    def _check_accepting_locked(self) -> None:
+        if self._closing:
+            raise EngineClosed("the engine is shut down and takes no new jobs")
+
+    def _check_capacity_locked(self, n: int) -> None:
+        queued = len(self._scheduler)
+        limit = self._config.max_queued
+        if queued + n > limit:
+            raise QueueFull(
+                f"queue is full: {queued} jobs queued, {n} more would exceed max_queued={limit}"
+            )
+
+    def _enqueue_locked(self, job: JobRecord) -> None:
+        self._jobs[job.id] = job
+        self._events.state(job)  # submitted
+        job.state = _S.QUEUED
+        self._scheduler.add(job)
+        self._events.state(job)
+        self.order_version += 1
+        self._changed_locked(urgent=True)
+        if job.ready:
+            self._work_cv.notify()
+
+    # ------------------------------------------------------------------ queries
+
+    def _get_locked(self, job_id: Any) -> JobRecord:
+        job = self._jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            if not isinstance(job_id, str):
+                raise TypeError(f"job id must be a str, got {job_id!r}")
+            if job_id in self._evicted:
+                raise JobNotFound(
+                    f"job {job_id!r} finished and was evicted from history "
+                    f"(history_limit={self._config.history_limit})"
+                )
+            raise JobNotFound(f"unknown job id {job_id!r}")
+        return job
+
+    def get(self, job_id: str) -> JobInfo:
+        """An immutable snapshot of the job.
+
+        Raises:
+            KeyError (``JobNotFound``): unknown or evicted id.
+        """
+        with self._lock:
+            return self._get_locked(job_id).snapshot()
+
+    def jobs(self, states: Any = None) -> list[JobInfo]:
+        """Snapshots: running first, then queued in dispatch order, then finished newest first."""
+        wanted = parse_states(states)
+        with self._lock:
+            running = sorted(self._running.values(), key=lambda j: (j.run_started or 0.0, j.id))
+            ordered = itertools.chain(
+                running,
+                self._scheduler,
+                (self._jobs[i] for i in reversed(self._finished)),
+            )
+            return [j.snapshot() for j in ordered if wanted is None or j.state in wanted]
+
+    def stats(self) -> EngineStats:
+        """Counts, worker use, throughput (jobs finished per minute over the last minute), memory."""
+        with self._lock:
+            now = self._clock()
+            self._trim_finish_times_locked(now)
+            held = sum(1 for j in self._scheduler if j.held)
+            return EngineStats(
+                queued=len(self._scheduler),
+                held=held,
+                running=len(self._running),
+                max_workers=self._config.max_workers,
+                busy_workers=self._busy,
+                completed=self._counts[_S.COMPLETED],
+                failed=self._counts[_S.FAILED],
+                cancelled=self._counts[_S.CANCELLED],
+                interrupted=self._counts[_S.INTERRUPTED],
+                finished_kept=len(self._finished),
+                throughput_per_min=len(self._finish_times) * 60.0 / THROUGHPUT_WINDOW_S,
+                waiting_for_memory=1 if self._memory_blocked is not None else 0,
+                paused=self._paused,
+                process_memory_mb=round(self._memory.process_mb(), 1),
+                available_memory_mb=round(self._memory.available_mb(), 1),
+                write_error=self._write_error(),
+            )
+
+    def _write_error(self) -> Optional[str]:
+        return None
+
+    def _trim_finish_times_locked(self, now: float) -> None:
+        times = self._finish_times
+        while times and times[0] < now - THROUGHPUT_WINDOW_S:
+            times.popleft()
+
+    # ------------------------------------------------------------------ steering
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job. Queued: cancelled at once. Running: asked to stop; it ends
+        ``cancelled`` when its handler returns (a result it still returns is discarded).
+
+        Returns:
+            True if the job was cancelled or asked to stop, False if it had already finished.
+
+        Raises:
+            KeyError (``JobNotFound``): unknown id.
+        """
+        with self._lock:
+            job = self._get_locked(job_id)
+            if job.state.is_terminal:
+                return False
+            if job.in_queue:
+                self._unqueue_locked(job)
+                job.message = "cancelled before it ran"
+                info = self._terminal_locked(job, _S.CANCELLED, self._wall())
+            else:
+                if job.cancel_reason != "user":
+                    self._request_stop_locked(job, "user")
+                return True
+        self._fire_callbacks(info)
+        return True
+
+    def _unqueue_locked(self, job: JobRecord) -> None:
+        self._scheduler.remove(job)
+        job.not_before = None
+        if self._memory_blocked is job:
+            self._memory_blocked = None
+        self.order_version += 1
+
+    def _request_stop_locked(self, job: JobRecord, reason: str) -> None:
+        job.cancel_requested = True
+        job.cancel_reason = reason
+        if job.cancel_event is not None:
+            job.cancel_event.set()
+        self._events.progress(job)
+        self._changed_locked(urgent=False)
+
+    def retry(self, job_id: str, params: Optional[dict] = None) -> str:
+        """Queue a new job from a finished one; ``params`` (a dict) overrides some of its params.
+
+        Raises:
+            InvalidStateError: the job has not finished, or is an ad-hoc call whose callable is gone.
+            InvalidParams: the changed params do not validate.
+        """
+        if params is not None and not isinstance(params, dict):
+            raise InvalidParams(f"retry params must be a dict of changes, got {type(params).__name__}")
+        with self._lock:
+            old = self._get_locked(job_id)
+            if not old.state.is_terminal:
+                raise InvalidStateError(
+                    f"job {job_id!r} is {old.state.value}: only finished jobs "
+                    "(completed, failed, cancelled, interrupted) can be retried"
+                )
+            kind, label, callable_ = old.kind, old.label, old.callable
+            merged = {**old.params, **(params or {})}
+            options = (old.priority, old.timeout, old.max_retries, old.memory_mb)
+        if kind == PYTHON_CALL:
+            if callable_ is None:
+                raise InvalidStateError(
+                    f"job {job_id!r} ran an ad-hoc callable from an earlier session; "
+                    "it cannot be retried, run it again with run()"
+                )
+            if params:
+                raise InvalidParams("python.call jobs take no changed params; use run() with new arguments")
+        priority, timeout, max_retries, memory_mb = options
+        job = self._build(kind, merged, priority, label, timeout, max_retries, memory_mb, False)
+        job.callable = callable_
+        with self._lock:
+            self._check_accepting_locked()
+            self._check_capacity_locked(1)
+            self._enqueue_locked(job)
+        self.logger.info("job retried", job_id=job.id, kind=kind, retry_of=job_id)
+        return job.id
+
+    def move(self, job_id: str, where: str) -> bool:
+        """Reorder a queued job within its priority band: "top" | "up" | "down" | "bottom".
+
+        Returns:
+            True if it moved, False if it already stood there.
+
+        Raises:
+            ValueError: bad ``where``. InvalidStateError: the job is not queued.
+        """
+        if where not in MOVE_WHERE:
+            raise ValueError(f"where must be one of {', '.join(map(repr, MOVE_WHERE))}, got {where!r}")
+        with self._lock:
+            job = self._get_locked(job_id)
+            if not job.in_queue:
+                raise InvalidStateError(
+                    f"job {job_id!r} is {job.state.value}: only queued jobs can be moved"
+                )
+            moved = self._scheduler.move(job, where)
+            if moved:
+                self.order_version += 1
+                self._changed_locked(urgent=True)
+            return moved
+
+    def release(self, ids: IdList = None) -> int:
+        """Let held jobs run (all held jobs when ``ids`` is None). Returns how many were released.
+
+        Raises:
+            KeyError: unknown id. InvalidStateError: a named job is not queued.
+            UnknownKind: a named job's kind is not registered (it stays held).
+        """
+        with self._lock:
+            if ids is None:
+                targets = [j for j in self._scheduler if j.held]
+            else:
+                targets = [self._get_locked(i) for i in _id_list(ids)]
+                for job in targets:
+                    if not job.in_queue:
+                        raise InvalidStateError(
+                            f"job {job.id!r} is {job.state.value}: only queued jobs can be released"
+                        )
+                    self._spec_for_release(job)
+            released = 0
+            for job in targets:
+                if not job.held or self._spec_or_none(job.kind) is None:
+                    continue
+                job.held = False
+                if job.not_before is None:
+                    self._scheduler.set_ready(job, True)
+                if job.message and job.message.startswith("held"):
+                    job.message = None
+                self._events.progress(job)
+                released += 1
+            if released:
+                self._changed_locked(urgent=True)
+                self._work_cv.notify_all()
+            return released
+
+    def _spec_for_release(self, job: JobRecord) -> KindSpec:
+        spec = self._spec_or_none(job.kind)
+        if spec is None:
+            raise UnknownKind(
+                f"job {job.id!r} needs kind {job.kind!r}, which is not registered; "
+                "enable the add-on that provides it first"
+            )
+        return spec
+
+    def pause(self) -> None:
+        """Start no new jobs until ``resume()``; running jobs go on."""
+        with self._lock:
+            if not self._paused:
+                self._paused = True
+                self._events.notice("queue paused")
+                self._changed_locked(urgent=True)
+
+    def resume(self) -> None:
+        """Undo ``pause()``."""
+        with self._lock:
+            if self._paused:
+                self._paused = False
+                self._events.notice("queue resumed")
+                self._changed_locked(urgent=True)
+                self._work_cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def configure(self, **changes: Any) -> EngineConfig:
+        """Change limits live (e.g. ``max_workers=2``). Returns the new config.
+
+        Raises:
+            pydantic.ValidationError (a ValueError): an unknown field or a bad value;
+            nothing changes.
+        """
+        if "state_dir" in changes and self._started and changes["state_dir"] != self._config.state_dir:
+            raise ValueError("state_dir cannot change while the engine runs; create a new Engine")
+        new = EngineConfig.model_validate({**self._config.model_dump(), **changes})
+        with self._lock:
+            old, self._config = self._config, new
+            if self._started and not self._closing:
+                self._spawn_workers_locked()
+            self._evict_locked()
+            self._memory.invalidate()
+            self._work_cv.notify_all()
+            self._timer_cv.notify_all()
+        if new.log_level != old.log_level:
+            self._log.set_level(new.log_level)
+        return new
+
+    def clear_finished(self) -> int:
+        """Forget every finished job. Returns how many."""
+        with self._lock:
+            n = len(self._finished)
+            for job_id in list(self._finished):
+                self._forget_locked(job_id)
+            self._finished.clear()
+            if n:
+                self.order_version += 1
+                self._changed_locked(urgent=True)
+            return n
+
+    def _forget_locked(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._evicted[job_id] = None
+        if len(self._evicted) > EVICTED_MEMORY:
+            self._evicted.popitem(last=False)
+
+    def _evict_locked(self) -> None:
+        limit = self._config.history_limit
+        finished = self._finished
+        while len(finished) > limit:
+            job_id, _ = finished.popitem(last=False)
+            self._forget_locked(job_id)
+
+    # ------------------------------------------------------------------ waiting, callbacks, pump
+
+    def wait(self, ids: IdList = None, timeout: Optional[float] = None) -> bool:
+        """Block until the jobs finish (all unfinished jobs when ``ids`` is None).
+
+        On the main thread it keeps running main-thread calls (and ``main_tick``,
+        the Blender pump) while it waits, so ``call_on_main`` works in headless
+        scripts. An evicted id counts as finished.
+
+        Returns:
+            True if all finished, False if ``timeout`` ran out first.
+
+        Raises:
+            KeyError (``JobNotFound``): an id that was never known here.
+        """
+        on_main = threading.current_thread() is threading.main_thread()
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._lock:
+            if ids is None:
+                watch = [j.id for j in self._jobs.values() if not j.state.is_terminal]
+            else:
+                watch = list(_id_list(ids))
+                for job_id in watch:
+                    if job_id not in self._jobs and job_id not in self._evicted:
+                        self._get_locked(job_id)  # raises with a clear message
+        while True:
+            if on_main:
+                tick = self.main_tick
+                if tick is not None:
+                    tick()
+                else:
+                    self.run_main_calls(0.05)
+            with self._lock:
+                watch = [i for i in watch if i in self._jobs and not self._jobs[i].state.is_terminal]
+                if not watch:
+                    return True
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if on_main and len(self._main_calls):
+                    continue
+                step = 0.1 if on_main else 1.0  # main: keep pumping; others: re-check the clock
+                self._done_cv.wait(step if remaining is None else min(step, remaining))
+
+    def on_finished(self, callback: Callable[[JobInfo], Any], *, on_main: bool = True) -> Callable[[], None]:
+        """Call ``callback(info)`` whenever a job finishes; returns a function that unsubscribes.
+
+        With ``on_main`` (the default) it runs on the main thread, from the pump
+        (``run_main_calls``) or ``wait()``; otherwise on the worker thread that
+        finished the job. Exceptions are logged, never raised into the engine.
+        """
+        if not callable(callback):
+            raise TypeError(f"on_finished needs a callable, got {callback!r}")
+        entry = (callback, bool(on_main))
+        with self._lock:
+            self._callbacks.append(entry)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if entry in self._callbacks:
+                    self._callbacks.remove(entry)
+
+        return unsubscribe
+
+    def _fire_callbacks(self, info: Optional[JobInfo]) -> None:
+        if info is None or not self._callbacks:
+            return
+        for callback, on_main in list(self._callbacks):
+            if on_main:
+                self._main_calls.put(self._safe_callback, callback, info)
+            else:
+                self._safe_callback(callback, info)
+        with self._lock:
+            self._done_cv.notify_all()  # a main-thread wait() should run them now
+
+    def _safe_callback(self, callback: Callable[[JobInfo], Any], info: JobInfo) -> None:
+        try:
+            callback(info)
+        except Exception:
+            self.logger.exception("on_finished callback failed", job_id=info.id, callback=repr(callback))
+
+    def drain_events(self) -> list[Event]:
+        """Everything that happened since the last drain: state changes in order, at most
+        one (the latest) progress event per job, and notices."""
+        with self._lock:
+            return self._events.drain()
+
+    def run_main_calls(self, budget_s: float = 0.005) -> int:
+        """Run queued main-thread calls in order within ``budget_s`` seconds. Returns how many ran."""
+        if not len(self._main_calls):
+            return 0
+        return self._main_calls.run(budget_s)
+
+    @property
+    def pending_main_calls(self) -> int:
+        return len(self._main_calls)
+
+    def flush(self) -> None:
+        """Write the sidecar now (no-op without a ``state_dir``)."""
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn_workers_locked(self) -> None:
+        while len(self._workers) < self._config.max_workers:
+            thread = threading.Thread(
+                target=self._worker_main, name=f"taskqueue-worker-{next(self._heap_n)}", daemon=True
+            )
+            self._workers.add(thread)
+            thread.start()
+
+    def _worker_main(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                while True:
+                    if self._closing or len(self._workers) > self._config.max_workers:
+                        self._workers.discard(me)
+                        return
+                    job = self._claim_locked()
+                    if job is not None:
+                        break
+                    self._work_cv.wait()
+            self._execute(job)
+
+    def _kind_has_room(self, kind: str) -> bool:
+        spec = self._spec_or_none(kind)
+        limit = spec.max_concurrency if spec is not None else None
+        return limit is None or self._kind_running[kind] < limit
+
+    def _claim_locked(self) -> Optional[JobRecord]:
+        if self._paused or not self._started or self._busy >= self._config.max_workers:
+            return None
+        job = self._scheduler.next_ready(self._kind_has_room)
+        if job is None or not self._memory_admits_locked(job):
+            return None
+        self._scheduler.remove(job)
+        self.order_version += 1
+        job.state = _S.DISPATCHED
+        job.attempt += 1
+        job.not_before = None
+        self._running[job.id] = job
+        self._kind_running[job.kind] += 1
+        self._busy += 1
+        self._reserved_mb += job.memory_mb or 0
+        self._events.state(job)
+        self._changed_locked(urgent=True)
+        return job
+
+    def _memory_admits_locked(self, job: JobRecord) -> bool:
+        cfg = self._config
+        need = job.memory_mb or 0
+        if cfg.min_free_memory_mb is None and cfg.max_memory_mb is None and not need:
+            return True
+        reasons = []
+        free = self._memory.available_mb() - self._reserved_mb
+        floor = cfg.min_free_memory_mb or 0
+        if free - need < floor:
+            reasons.append(
+                f"needs {need} MB + {floor} MB kept free, {max(free, 0):.0f} MB available"
+                if need
+                else f"{max(free, 0):.0f} MB free, below min_free_memory_mb={floor}"
+            )
+        if cfg.max_memory_mb is not None:
+            used = self._memory.process_mb() + self._reserved_mb
+            if used + need > cfg.max_memory_mb:
+                reasons.append(
+                    f"Blender uses {used:.0f} MB{f' + {need} MB needed' if need else ''}, "
+                    f"above max_memory_mb={cfg.max_memory_mb}"
+                )
+        if reasons:
+            if self._memory_blocked is not job:
+                self._memory_blocked = job
+                job.message = "waiting for memory: " + "; ".join(reasons)
+                self._events.progress(job)
+                self.logger.info("dispatch waits for memory", job_id=job.id, reason=job.message)
+                self._timer_cv.notify()
+            return False
+        if self._memory_blocked is job:
+            self._memory_blocked = None
+            job.message = None
+        return True
+
+    def _execute(self, job: JobRecord) -> None:
+        spec = self._spec_or_none(job.kind)
+        stage = "params"
+        outcome: tuple
+        try:
+            if spec is None:
+                raise UnknownKind(
+                    f"job kind {job.kind!r} is not registered (is the add-on that provides it enabled?)"
+                )
+            params = spec.handler_params(job.params)
+            with self._lock:
+                if job.cancel_requested:
+                    raise JobCancelled("cancelled before it started")
+                self._mark_running_locked(job)
+            ctx = JobContext(self, job, params, job.checkpoint if spec.resumable else None)
+            stage = "run"
+            _local.ctx = ctx
+            result = spec.handler(ctx, params)
+            outcome = ("ok", result)
+        except JobCancelled as exc:
+            outcome = ("cancelled", exc)
+        except BaseException as exc:  # a handler's SystemExit must not kill the worker
+            outcome = ("error", exc, traceback.format_exc(), None if stage == "run" else stage)
+        finally:
+            _local.ctx = None
+        self._finish(job, spec, outcome)
+
+    def _mark_running_locked(self, job: JobRecord) -> None:
+        job.state = _S.RUNNING
+        job.started_at = self._wall()
+        job.run_started = now = self._clock()
+        job.progress = 0.0 if job.checkpoint is None else job.progress
+        job.eta_seconds = None
+        if job.timeout is not None:
+            job.deadline = now + job.timeout
+            heapq.heappush(self._deadlines, (job.deadline, next(self._heap_n), job))
+            self._timer_cv.notify()
+        self._events.state(job)
+        self._changed_locked(urgent=True)
+
+    def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: tuple) -> None:
+        info = None
+        with self._lock:
+            if job.id not in self._running:
+                return  # recorded interrupted at shutdown; whatever it returned now is moot
+            del self._running[job.id]
+            self._busy -= 1
+            self._kind_running[job.kind] -= 1
+            self._reserved_mb -= job.memory_mb or 0
+            job.deadline = None
+            now_wall = self._wall()
+            reason = job.cancel_reason if job.cancel_requested else None
+            kind = outcome[0]
+            if reason == "shutdown" and kind != "ok":
+                if spec is not None and spec.resumable and kind == "cancelled":
+                    self._requeue_locked(job, "stopped by shutdown; resumes from its checkpoint")
+                else:
+                    job.message = "stopped by shutdown"
+                    info = self._terminal_locked(job, _S.INTERRUPTED, now_wall)
+            elif reason == "user" or (kind == "cancelled" and reason is None):
+                info = self._terminal_locked(job, _S.CANCELLED, now_wall)
+            elif reason == "timeout":
+                err = JobError(
+                    "Timeout",
+                    f"timed out after {job.timeout:g} s",
+                    "",
+                    job.stage,
+                    job.attempt,
+                )
+                info = self._fail_or_retry_locked(job, err, now_wall)
+            elif kind == "error":
+                exc, tb, stage = outcome[1], outcome[2], outcome[3]
+                err = JobError(
+                    type(exc).__name__,
+                    str(exc) or type(exc).__name__,
+                    tb,
+                    stage or job.stage,
+                    job.attempt,
+                )
+                info = self._fail_or_retry_locked(job, err, now_wall)
+            else:
+                job.result = outcome[1]
+                job.progress = 1.0
+                job.eta_seconds = 0.0
+                info = self._terminal_locked(job, _S.COMPLETED, now_wall)
+            if not self._closing:
+                self._work_cv.notify()
+            self._done_cv.notify_all()
+        self._fire_callbacks(info)
+
+    def _fail_or_retry_locked(self, job: JobRecord, err: JobError, now_wall: float) -> Optional[JobInfo]:
+        job.errors = job.errors + (err,)
+        if job.attempt <= job.max_retries and not self._closing:
+            delay = min(BACKOFF_CAP_S, 2.0 ** (job.attempt - 1))
+            job.not_before = self._clock() + delay
+            heapq.heappush(self._backoff, (job.not_before, next(self._heap_n), job))
+            self._timer_cv.notify()
+            self._requeue_locked(
+                job,
+                f"attempt {job.attempt} of {job.max_retries + 1} failed ({err.type}: "
+                f"{_first_line(err.message)}); retrying in {delay:g} s",
+                ready=False,
+            )
+            self.logger.warning(
+                "job attempt failed; retrying",
+                job_id=job.id, kind=job.kind, attempt=job.attempt, error=err.type, delay_s=delay,
+            )
+            return None
+        job.message = f"{err.type}: {_first_line(err.message)}"
+        return self._terminal_locked(job, _S.FAILED, now_wall)
+
+    def _requeue_locked(self, job: JobRecord, message: str, *, ready: bool = True) -> None:
+        job.state = _S.QUEUED
+        job.message = message
+        job.cancel_requested = False
+        job.cancel_reason = None
+        job.timed_out = False
+        job.cancel_event = None
+        job.ready = ready and not job.held
+        self._scheduler.add(job, seq=job.key[1] if job.key else None)
+        self.order_version += 1
+        self._events.state(job)
+        self._changed_locked(urgent=True)
+
+    def _terminal_locked(self, job: JobRecord, state: JobState, now_wall: float) -> JobInfo:
+        if job.id in self._running:  # interrupted by shutdown while its handler still runs
+            del self._running[job.id]
+            self._busy -= 1
+            self._kind_running[job.kind] -= 1
+            self._reserved_mb -= job.memory_mb or 0
+        job.state = state
+        job.finished_at = now_wall
+        if state is not _S.COMPLETED:
+            job.eta_seconds = None
+            job.result = None
+        job.cancel_event = None
+        self._counts[state] += 1
+        now = self._clock()
+        self._finish_times.append(now)
+        self._trim_finish_times_locked(now)
+        self._finished[job.id] = None
+        self._events.state(job)
+        self._changed_locked(urgent=True)
+        self._evict_locked()
+        self._done_cv.notify_all()
+        info = job.snapshot()
+        log = self.logger
+        if state is _S.COMPLETED:
+            log.debug("job completed", job_id=job.id, kind=job.kind, attempt=job.attempt)
+        elif state is _S.FAILED:
+            err = job.errors[-1]
+            log.warning(
+                "job failed", job_id=job.id, kind=job.kind, attempt=job.attempt,
+                error_type=err.type, error=err.message, stage=err.stage,
+            )
+        else:
+            log.info(f"job {state.value}", job_id=job.id, kind=job.kind, reason=job.message)
+        return info
+
+    # ------------------------------------------------------------------ calls from JobContext
+
+    def _report_progress(
+        self, job: JobRecord, fraction: Optional[float], stage: Optional[str], message: Optional[str]
+    ) -> None:
+        with self._lock:
+            if job.state is not _S.RUNNING:
+                return
+            if fraction is not None:
+                job.progress = fraction
+                if 0.0 < fraction < 1.0 and job.run_started is not None:
+                    elapsed = self._clock() - job.run_started
+                    job.eta_seconds = elapsed * (1.0 - fraction) / fraction
+                elif fraction >= 1.0:
+                    job.eta_seconds = 0.0
+            if stage is not None:
+                job.stage = stage
+            if message is not None:
+                job.message = message
+            self._events.progress(job)
+            self._changed_locked(urgent=False)
+
+    def _record_checkpoint(self, job: JobRecord, data: dict) -> None:
+        with self._lock:
+            if job.state.is_terminal:
+                return
+            job.checkpoint = data
+            job.partial_result = data
+            self._events.progress(job)
+            self._changed_locked(urgent=False)
+
+    def _cancel_event(self, job: JobRecord) -> threading.Event:
+        with self._lock:
+            if job.cancel_event is None:
+                job.cancel_event = threading.Event()
+                if job.cancel_requested:
+                    job.cancel_event.set()
+            return job.cancel_event
+
+    def _call_on_main(self, job: JobRecord, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            return fn(*args, **kwargs)
+        call = self._main_calls.put(fn, *args, **kwargs)
+        with self._lock:
+            self._done_cv.notify_all()  # a main-thread wait() runs it now
+        while not call.done.wait(0.05):
+            if (job.cancel_requested or self._closed) and self._main_calls.abandon(call):
+                raise JobCancelled(f"job {job.id} was asked to stop while waiting for the main thread")
+        if call.exc is not None:
+            raise call.exc
+        return call.result
+
+    def workdir_for(self, job_id: str) -> Path:
+        """The per-job work folder (not created here)."""
+        cfg = self._config
+        if cfg.work_dir is not None:
+            root = cfg.work_dir
+        elif cfg.state_dir is not None:
+            root = cfg.state_dir / "jobs"
+        else:
+            root = Path(tempfile.gettempdir()) / "blender_taskqueue" / "jobs"
+        return root / job_id
+
+    # ------------------------------------------------------------------ watchdog
+
+    def check_timers(self, now: Optional[float] = None) -> Optional[float]:
+        """Run what is due at ``now`` (default: the engine's clock): retries whose backoff
+        ended, timeouts of running jobs, a memory re-check. Returns seconds until the
+        next thing is due, or None. The watchdog thread calls this; tests with an
+        injected clock call it directly."""
+        with self._lock:
+            return self._check_timers_locked(self._clock() if now is None else now)
+
+    def _check_timers_locked(self, now: float) -> Optional[float]:
+        wake = False
+        backoff = self._backoff
+        while backoff and backoff[0][0] <= now:
+            due, _, job = heapq.heappop(backoff)
+            if job.in_queue and job.not_before == due:
+                job.not_before = None
+                if not job.held:
+                    self._scheduler.set_ready(job, True)
+                    wake = True
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            due, _, job = heapq.heappop(deadlines)
+            if job.deadline == due and job.state in _ACTIVE and not job.cancel_requested:
+                job.timed_out = True
+                job.message = f"timed out after {job.timeout:g} s; waiting for the job to stop"
+                self._request_stop_locked(job, "timeout")
+                self.logger.warning("job timed out", job_id=job.id, kind=job.kind, timeout_s=job.timeout)
+        if self._memory_blocked is not None:
+            self._memory.invalidate()
+            wake = True
+        if wake:
+            self._work_cv.notify_all()
+        nxt = []
+        if backoff:
+            nxt.append(backoff[0][0] - now)
+        if deadlines:
+            nxt.append(deadlines[0][0] - now)
+        if self._memory_blocked is not None:
+            nxt.append(0.25)
+        return max(0.0, min(nxt)) if nxt else None
+
+    def _watchdog_main(self) -> None:
+        with self._lock:
+            while not self._closed:
+                delay = self._check_timers_locked(self._clock())
+                self._timer_cv.wait(delay)
+
+    # ------------------------------------------------------------------ persistence hook
+
+    def _changed_locked(self, *, urgent: bool) -> None:
+        """Note that state a snapshot would hold has changed (the store listens)."""
+        self.state_version += 1
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _id_list(ids: IdList) -> list[str]:
+    if isinstance(ids, str):
+        return [ids]
+    if ids is None:
+        return []
+    try:
+        out = list(ids)
+    except TypeError:
+        raise TypeError(f"ids must be a job id or an iterable of job ids, got {ids!r}") from None
+    for i in out:
+        if not isinstance(i, str):
+            raise TypeError(f"job ids must be str, got {i!r}")
+    return out

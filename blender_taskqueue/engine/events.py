@@ -1,0 +1,164 @@
+"""What flows from worker threads to the main thread: events and main-thread calls.
+
+``EventQueue`` is not locked by itself: the engine calls it under its own lock,
+so a snapshot and the event that carries it are always consistent.
+``MainCallQueue`` has its own lock because workers block on it while the
+engine lock must stay free.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .models import Event
+from .record import JobRecord
+
+RESYNC = "resync"  # notice level: events were dropped, re-read jobs()
+
+
+class EventQueue:
+    """State events in order, progress coalesced to the latest per job."""
+
+    def __init__(self, max_events: int = 100_000) -> None:
+        self._items: list[Any] = []  # Event, JobRecord (progress placeholder) or None (dead)
+        self._progress_at: dict[str, int] = {}
+        self._max = max_events
+        self._dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def state(self, job: JobRecord) -> None:
+        self._append(Event("state", job.id, job.snapshot()))
+
+    def progress(self, job: JobRecord) -> None:
+        # Keep the progress event at its latest position, so that a drain applied
+        # in order ends with the newest information about each job.
+        old = self._progress_at.get(job.id)
+        if old is not None:
+            self._items[old] = None
+        self._progress_at[job.id] = len(self._items)
+        self._append(job)
+
+    def notice(
+        self,
+        message: str,
+        *,
+        level: str = "info",
+        job: Optional[JobRecord] = None,
+    ) -> None:
+        self._append(
+            Event(
+                "notice",
+                job.id if job else None,
+                job.snapshot() if job else None,
+                message,
+                level,
+            )
+        )
+
+    def _append(self, item: Any) -> None:
+        if len(self._items) >= self._max:
+            # Nobody drains: keep memory bounded and tell the consumer to resync.
+            self._dropped += len(self._items)
+            self._items.clear()
+            self._progress_at.clear()
+            if isinstance(item, JobRecord):
+                self._progress_at[item.id] = 0
+        self._items.append(item)
+
+    def drain(self) -> list[Event]:
+        items, self._items = self._items, []
+        self._progress_at = {}
+        out: list[Event] = []
+        if self._dropped:
+            out.append(
+                Event(
+                    "notice",
+                    None,
+                    None,
+                    f"{self._dropped} events were dropped because nobody drained them; "
+                    "re-read the job list",
+                    RESYNC,
+                )
+            )
+            self._dropped = 0
+        for item in items:
+            if item is None:
+                continue
+            if isinstance(item, JobRecord):
+                out.append(Event("progress", item.id, item.snapshot()))
+            else:
+                out.append(item)
+        return out
+
+
+class MainCall:
+    """One call waiting for the main thread."""
+
+    __slots__ = ("fn", "args", "kwargs", "done", "result", "exc", "abandoned", "started")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.done = threading.Event()
+        self.result: Any = None
+        self.exc: Optional[BaseException] = None
+        self.abandoned = False
+        self.started = False
+
+
+class MainCallQueue:
+    """Calls from workers (and completion callbacks) that must run on the main thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._calls: collections.deque[MainCall] = collections.deque()
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def put(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> MainCall:
+        call = MainCall(fn, args, kwargs)
+        self._calls.append(call)  # deque.append is atomic
+        return call
+
+    def abandon(self, call: MainCall) -> bool:
+        """Withdraw a call that has not started. Returns False if it already runs/ran."""
+        with self._lock:
+            if call.started:
+                return False
+            call.abandoned = True
+            return True
+
+    def run(self, budget_s: float) -> int:
+        """Run queued calls in order until ``budget_s`` is spent; at least one runs."""
+        deadline = self._clock() + budget_s
+        ran = 0
+        while self._calls:
+            try:
+                call = self._calls.popleft()
+            except IndexError:
+                break
+            with self._lock:
+                if call.abandoned:
+                    continue
+                call.started = True
+            try:
+                call.result = call.fn(*call.args, **call.kwargs)
+            except Exception as exc:  # handed to the waiting worker
+                call.exc = exc
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: theirs and ours
+                call.exc = exc
+                raise
+            finally:
+                call.done.set()
+            ran += 1
+            if self._clock() >= deadline:
+                break
+        return ran

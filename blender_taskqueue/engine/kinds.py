@@ -1,0 +1,203 @@
+"""The job kinds registry: a name, a handler and how to run it.
+
+Jobs are data (a kind name plus JSON params), never pickled callables, so the
+queue can be written to disk and adopted after a crash. The registry maps the
+name back to code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import InvalidParams, UnknownKind
+
+KIND_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """A registered kind. ``handler(ctx, params)`` returns the job's result."""
+
+    name: str
+    handler: Callable[..., Any]
+    params: Optional[type[BaseModel]] = None
+    resumable: bool = False
+    max_concurrency: Optional[int] = None
+    network: bool = False
+    recoverable: bool = True  # False for ad-hoc callables that cannot be rebuilt from data
+    description: str = ""
+
+    def validate_params(self, params: Any) -> dict:
+        """Return params as a JSON dict, or raise ``InvalidParams`` naming every problem."""
+        if self.params is not None:
+            if isinstance(params, self.params):
+                model = params
+            else:
+                if params is None:
+                    params = {}
+                if not isinstance(params, dict):
+                    raise InvalidParams(
+                        f"params for kind {self.name!r} must be a dict or "
+                        f"{self.params.__name__}, got {type(params).__name__}"
+                    )
+                try:
+                    model = self.params.model_validate(params)
+                except ValidationError as exc:
+                    raise InvalidParams(
+                        f"invalid params for kind {self.name!r}: {_summarise(exc)}"
+                    ) from None
+            return model.model_dump(mode="json")
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise InvalidParams(
+                f"params for kind {self.name!r} must be a dict, got {type(params).__name__}"
+            )
+        if not self.recoverable:
+            return params
+        try:
+            # Round-trip so the stored params are exactly what the sidecar will hold.
+            return json.loads(json.dumps(params))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParams(
+                f"params for kind {self.name!r} must be JSON data: {exc}"
+            ) from None
+
+    def handler_params(self, params: dict) -> Any:
+        """What the handler receives: the model instance, or the plain dict."""
+        if self.params is None:
+            return params
+        return self.params.model_validate(params)
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "params"
+        parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+class KindRegistry:
+    """Thread-safe name -> KindSpec map."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, KindSpec] = {}
+        self._lock = threading.Lock()
+
+    def register(self, spec: KindSpec, *, replace: bool = False) -> KindSpec:
+        """Add ``spec``. Re-registering a name from the same module (an add-on reload)
+        replaces it; a clash with another module raises ``ValueError``."""
+        if not isinstance(spec.name, str) or not KIND_NAME.match(spec.name):
+            raise ValueError(
+                f"kind name must be lowercase dotted words like 'demo.render', got {spec.name!r}"
+            )
+        if spec.max_concurrency is not None and (
+            isinstance(spec.max_concurrency, bool)
+            or not isinstance(spec.max_concurrency, int)
+            or spec.max_concurrency < 1
+        ):
+            raise ValueError(
+                f"max_concurrency of kind {spec.name!r} must be None or an int >= 1, "
+                f"got {spec.max_concurrency!r}"
+            )
+        if spec.params is not None and not (
+            isinstance(spec.params, type) and issubclass(spec.params, BaseModel)
+        ):
+            raise TypeError(
+                f"params of kind {spec.name!r} must be a pydantic BaseModel class, "
+                f"got {spec.params!r}"
+            )
+        with self._lock:
+            old = self._kinds.get(spec.name)
+            if old is not None and not replace and _origin(old.handler) != _origin(spec.handler):
+                raise ValueError(
+                    f"kind {spec.name!r} is already registered by {_origin(old.handler)}; "
+                    f"unregister it first or pass replace=True"
+                )
+            self._kinds[spec.name] = spec
+        return spec
+
+    def unregister(self, name: str) -> bool:
+        with self._lock:
+            return self._kinds.pop(name, None) is not None
+
+    def get(self, name: str) -> KindSpec:
+        spec = self._kinds.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self._kinds)) or "none"
+            raise UnknownKind(f"unknown job kind {name!r} (registered: {known})")
+        return spec
+
+    def find(self, name: str) -> Optional[KindSpec]:
+        return self._kinds.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._kinds)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+
+
+def _shared_registry() -> KindRegistry:
+    from .shared import shared
+
+    state = shared()
+    with state.lock:
+        if state.registry is None:
+            state.registry = KindRegistry()
+        return state.registry
+
+
+registry = _shared_registry()
+
+
+def job_kind(
+    name: str,
+    *,
+    params: Optional[type[BaseModel]] = None,
+    resumable: bool = False,
+    max_concurrency: Optional[int] = None,
+    network: bool = False,
+    registry: KindRegistry = registry,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated ``handler(ctx, params)`` as job kind ``name``.
+
+    Args:
+        name: dotted lowercase name, e.g. ``"demo.render"``.
+        params: pydantic model; submit validates params against it.
+        resumable: after a crash, re-queue the job with its last checkpoint.
+        max_concurrency: at most this many jobs of the kind run at once.
+        network: the kind goes online (Blender's "Allow Online Access" applies).
+
+    Returns:
+        The handler, unchanged.
+    """
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        registry.register(
+            KindSpec(
+                name=name,
+                handler=handler,
+                params=params,
+                resumable=resumable,
+                max_concurrency=max_concurrency,
+                network=network,
+                description=(handler.__doc__ or "").strip().splitlines()[0]
+                if handler.__doc__
+                else "",
+            )
+        )
+        return handler
+
+    return decorate

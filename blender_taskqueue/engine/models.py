@@ -1,0 +1,180 @@
+"""Value types of the public contract: states, priorities, snapshots, configuration.
+
+Snapshots (``JobInfo``, ``JobError``, ``EngineStats``, ``Event``) are named tuples:
+immutable, cheap to create on the hot path, and easy to compare in tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, enum.Enum):
+    """Lifecycle of a job. Values are the plain strings scripts may compare against."""
+
+    SUBMITTED = "submitted"
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def is_active(self) -> bool:
+        return self in (JobState.DISPATCHED, JobState.RUNNING)
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
+)
+
+PRIORITY_NAMES: Mapping[str, int] = {"urgent": 0, "high": 3, "normal": 5, "low": 8}
+MOVE_WHERE = ("top", "up", "down", "bottom")
+
+
+def priority_value_or_error(priority: object) -> tuple[int, Optional[str]]:
+    """Return ``(value, None)`` for a valid priority or ``(-1, message)`` naming the problem."""
+    if isinstance(priority, str):
+        value = PRIORITY_NAMES.get(priority.strip().lower())
+        if value is not None:
+            return value, None
+    elif isinstance(priority, int) and not isinstance(priority, bool):
+        if 0 <= priority <= 9:
+            return priority, None
+    return -1, (
+        f"priority must be one of {', '.join(map(repr, PRIORITY_NAMES))} "
+        f"or an int 0..9 (0 runs first), got {priority!r}"
+    )
+
+
+def parse_priority(priority: object) -> int:
+    """Return the int priority for a name or int, or raise ``ValueError``."""
+    value, error = priority_value_or_error(priority)
+    if error:
+        raise ValueError(error)
+    return value
+
+
+def parse_states(states: object) -> Optional[frozenset[JobState]]:
+    """Normalise a ``states=`` filter: None, one state, or an iterable of states/strings."""
+    if states is None:
+        return None
+    if isinstance(states, (str, JobState)):
+        states = [states]
+    try:
+        return frozenset(JobState(s) for s in states)  # type: ignore[union-attr]
+    except (ValueError, TypeError):
+        valid = ", ".join(s.value for s in JobState)
+        raise ValueError(f"states must be job states ({valid}), got {states!r}") from None
+
+
+class JobError(NamedTuple):
+    """Why one attempt of a job failed."""
+
+    type: str
+    message: str
+    traceback: str
+    stage: Optional[str]
+    attempt: int = 1
+
+
+class JobInfo(NamedTuple):
+    """An immutable snapshot of one job, as ``Engine.get`` returns it."""
+
+    id: str
+    kind: str
+    label: str
+    params: Mapping[str, Any]
+    priority: int
+    state: JobState
+    progress: float
+    stage: Optional[str]
+    message: Optional[str]
+    eta_seconds: Optional[float]
+    attempt: int
+    max_retries: int
+    error: Optional[JobError]
+    result: Any
+    partial_result: Optional[dict]
+    held: bool
+    created_at: float
+    started_at: Optional[float]
+    finished_at: Optional[float]
+    # Beyond the contract's minimum: every attempt's error, the run limits, and
+    # whether a stop was asked of a running job that has not stopped yet.
+    errors: tuple = ()
+    timeout: Optional[float] = None
+    memory_mb: Optional[int] = None
+    cancel_pending: bool = False
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class EngineStats(NamedTuple):
+    """Counts and resource use at one moment."""
+
+    queued: int
+    held: int
+    running: int
+    max_workers: int
+    busy_workers: int
+    completed: int
+    failed: int
+    cancelled: int
+    interrupted: int
+    finished_kept: int
+    throughput_per_min: float
+    waiting_for_memory: int
+    paused: bool
+    process_memory_mb: float
+    available_memory_mb: float
+    write_error: Optional[str] = None
+
+
+class Event(NamedTuple):
+    """One thing the pump should know about: a state change, progress, or a notice."""
+
+    type: str  # "state" | "progress" | "notice"
+    job_id: Optional[str]
+    info: Optional[JobInfo]
+    message: Optional[str] = None
+    level: str = "info"  # for notices: "info" | "warning" | "error"
+
+
+class EngineConfig(BaseModel):
+    """Limits and folders of one engine. Validated; change live with ``Engine.configure``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    max_workers: int = Field(4, ge=1, le=8, description="worker threads running jobs")
+    max_queued: int = Field(10_000, ge=1, description="queued jobs before submit raises QueueFull")
+    history_limit: int = Field(500, ge=0, description="finished jobs kept for get()/jobs()")
+    state_dir: Optional[Path] = Field(None, description="folder of the sidecar; None = no persistence")
+    work_dir: Optional[Path] = Field(
+        None, description="root of per-job work folders; default state_dir/jobs or a temp folder"
+    )
+    min_free_memory_mb: Optional[int] = Field(
+        None, ge=0, description="dispatch waits while the machine has less free memory"
+    )
+    max_memory_mb: Optional[int] = Field(
+        None, ge=1, description="dispatch waits while this process uses more memory"
+    )
+    auto_resume: bool = Field(True, description="adopted queued jobs run without a go-ahead")
+    log_dir: Optional[Path] = Field(None, description="folder of the JSON log; default platformdirs")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    console_log: bool = Field(True, description="also log readable text to stderr")

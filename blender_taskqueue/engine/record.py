@@ -1,0 +1,136 @@
+"""The engine's mutable record of one job. Only the engine touches it, under its lock."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Optional
+
+from .models import JobError, JobInfo, JobState
+
+
+class JobRecord:
+    __slots__ = (
+        "id",
+        "kind",
+        "label",
+        "params",
+        "priority",
+        "state",
+        "progress",
+        "stage",
+        "message",
+        "eta_seconds",
+        "attempt",
+        "max_retries",
+        "errors",
+        "result",
+        "partial_result",
+        "checkpoint",
+        "held",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "timeout",
+        "memory_mb",
+        # scheduling
+        "key",
+        "heap_key",
+        "in_queue",
+        "ready",
+        "not_before",
+        "deadline",
+        # running
+        "run_started",
+        "cancel_requested",
+        "cancel_reason",
+        "timed_out",
+        "cancel_event",
+        "callable",
+        "recovered_from",
+        "_view",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        kind: str,
+        label: str,
+        params: dict,
+        priority: int,
+        created_at: float,
+        *,
+        max_retries: int = 0,
+        timeout: Optional[float] = None,
+        memory_mb: Optional[int] = None,
+        held: bool = False,
+    ) -> None:
+        self.id = id
+        self.kind = kind
+        self.label = label
+        self.params = params
+        self.priority = priority
+        self.state = JobState.SUBMITTED
+        self.progress = 0.0
+        self.stage: Optional[str] = None
+        self.message: Optional[str] = None
+        self.eta_seconds: Optional[float] = None
+        self.attempt = 0
+        self.max_retries = max_retries
+        self.errors: tuple[JobError, ...] = ()
+        self.result: Any = None
+        self.partial_result: Optional[dict] = None
+        self.checkpoint: Optional[dict] = None
+        self.held = held
+        self.created_at = created_at
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self.timeout = timeout
+        self.memory_mb = memory_mb
+        self.key: Any = None
+        self.heap_key: Any = None
+        self.in_queue = False
+        self.ready = not held
+        self.not_before: Optional[float] = None
+        self.deadline: Optional[float] = None
+        self.run_started: Optional[float] = None
+        self.cancel_requested = False
+        self.cancel_reason: Optional[str] = None  # "user" | "timeout" | "shutdown"
+        self.timed_out = False
+        self.cancel_event: Any = None
+        self.callable: Any = None
+        self.recovered_from: Optional[str] = None
+        self._view: Any = None
+
+    def params_view(self) -> Any:
+        view = self._view
+        if view is None:
+            view = self._view = MappingProxyType(self.params)
+        return view
+
+    def snapshot(self) -> JobInfo:
+        errors = self.errors
+        return JobInfo(
+            self.id,
+            self.kind,
+            self.label,
+            self.params_view(),
+            self.priority,
+            self.state,
+            self.progress,
+            self.stage,
+            self.message,
+            self.eta_seconds,
+            self.attempt,
+            self.max_retries,
+            errors[-1] if errors and self.state is not JobState.COMPLETED else None,
+            self.result,
+            self.partial_result,
+            self.held,
+            self.created_at,
+            self.started_at,
+            self.finished_at,
+            errors,
+            self.timeout,
+            self.memory_mb,
+            self.cancel_requested and not self.state.is_terminal,
+        )
