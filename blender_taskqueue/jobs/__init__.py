@@ -1,0 +1,1 @@
+"""Built-in job kinds. Importing a module here registers its kinds; nothing else happens."""

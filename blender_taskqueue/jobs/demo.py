@@ -1,0 +1,54 @@
+"""Demo kinds that behave like the real thing: a frame-by-frame render and an AI
+generation call with stages. They only sleep, so the demo runs anywhere."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+from ..engine import JobContext, job_kind
+
+
+class DemoRender(BaseModel):
+    frames: int = Field(12, ge=1, le=10_000, description="frames to render")
+    seconds_per_frame: float = Field(0.15, ge=0, le=60)
+    fail_at_frame: Optional[int] = Field(None, ge=1, description="raise an error at this frame")
+
+
+@job_kind("demo.render", params=DemoRender, resumable=True)
+def render(ctx: JobContext, params: DemoRender) -> dict:
+    """Render frames one by one (pretend), checkpointing each, resumable after a crash."""
+    start = (ctx.resume_from or {}).get("frames_done", 0)
+    if start:
+        ctx.log.info("resuming render", from_frame=start + 1)
+    for frame in range(start + 1, params.frames + 1):
+        ctx.progress((frame - 1) / params.frames, stage=f"frame {frame}/{params.frames}")
+        ctx.sleep(params.seconds_per_frame)
+        if params.fail_at_frame == frame:
+            raise RuntimeError(f"the render engine crashed on frame {frame} (out of VRAM)")
+        ctx.checkpoint({"frames_done": frame})
+    return {"frames": params.frames, "resumed_from": start}
+
+
+class DemoGenerate(BaseModel):
+    prompt: str = Field(..., min_length=1, max_length=2000)
+    steps: int = Field(20, ge=1, le=200)
+    seconds_per_step: float = Field(0.08, ge=0, le=60)
+    fail_attempts: int = Field(0, ge=0, description="fail this many attempts (a flaky backend)")
+
+
+@job_kind("demo.generate", params=DemoGenerate, max_concurrency=2)
+def generate(ctx: JobContext, params: DemoGenerate) -> dict:
+    """Pretend to call an image-generation backend: upload, denoise steps, download."""
+    ctx.progress(0.0, stage="upload", message=f"prompt: {params.prompt[:40]}")
+    ctx.sleep(params.seconds_per_step * 2)
+    if ctx.attempt <= params.fail_attempts:
+        raise ConnectionError(f"backend returned HTTP 503 (attempt {ctx.attempt})")
+    for step in range(1, params.steps + 1):
+        ctx.progress(step / (params.steps + 1), stage=f"denoise {step}/{params.steps}")
+        ctx.sleep(params.seconds_per_step)
+    ctx.progress(1.0, stage="download")
+    out = ctx.workdir / "image.txt"
+    out.write_text(f"(an image of {params.prompt})\n", encoding="utf-8")
+    return {"image": str(out), "steps": params.steps}
