@@ -41,6 +41,7 @@ from .kinds import KindRegistry, KindSpec
 from .logs import EngineLog
 from .models import (
     MOVE_WHERE,
+    Recovery,
     EngineConfig,
     EngineStats,
     Event,
@@ -53,6 +54,16 @@ from .models import (
 from .record import JobRecord
 from .resources import MemoryProbe
 from .scheduler import Scheduler
+from .store import (
+    CLAIM_MARK,
+    SidecarError,
+    SnapshotStore,
+    claim_name,
+    job_from_dict,
+    move_aside,
+    read_sidecar,
+    sidecar_candidates,
+)
 
 PYTHON_CALL = "python.call"
 BACKOFF_CAP_S = 60.0
@@ -61,6 +72,8 @@ THROUGHPUT_WINDOW_S = 60.0
 
 _S = JobState
 _ACTIVE = (_S.DISPATCHED, _S.RUNNING)
+_RANK = {_S.SUBMITTED: 0, _S.QUEUED: 0, _S.DISPATCHED: 1, _S.RUNNING: 2,
+         _S.COMPLETED: 3, _S.FAILED: 3, _S.CANCELLED: 3, _S.INTERRUPTED: 3}
 
 
 def _python_call(ctx: JobContext, params: dict) -> Any:
@@ -140,6 +153,11 @@ class Engine:
         self._id_prefix = secrets.token_hex(3)
         self._id_counter = itertools.count(1)
         self._log = EngineLog(self._config.log_dir, self._config.log_level, self._config.console_log)
+        self._dirty: set[JobRecord] = set()  # jobs the sidecar must re-encode
+        self._removed: set[str] = set()  # ids the sidecar must drop
+        self._store: Optional[SnapshotStore] = None
+        if self._config.state_dir is not None:
+            self._store = SnapshotStore(self, self._config.state_dir, self._id_prefix)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,6 +188,9 @@ class Engine:
                 raise EngineClosed("this engine was shut down; create a new Engine")
             if self._started:
                 return self
+            if self._store is not None:
+                self._store.start()
+                self._adopt_locked()
             self._started = True
             self._spawn_workers_locked()
             self._watchdog = threading.Thread(
@@ -234,7 +255,8 @@ class Engine:
         self._log.close()
 
     def _after_shutdown(self) -> None:
-        """Hook for the snapshot store (flush on shutdown)."""
+        if self._store is not None:
+            self._store.close(clean=True, empty=not self._jobs)
 
     # ------------------------------------------------------------------ submit
 
@@ -413,7 +435,7 @@ class Engine:
         self._scheduler.add(job)
         self._events.state(job)
         self.order_version += 1
-        self._changed_locked(urgent=True)
+        self._changed_locked(job, urgent=True)
         if job.ready:
             self._work_cv.notify()
 
@@ -479,7 +501,7 @@ class Engine:
             )
 
     def _write_error(self) -> Optional[str]:
-        return None
+        return self._store.error if self._store is not None else None
 
     def _trim_finish_times_locked(self, now: float) -> None:
         times = self._finish_times
@@ -526,7 +548,7 @@ class Engine:
         if job.cancel_event is not None:
             job.cancel_event.set()
         self._events.progress(job)
-        self._changed_locked(urgent=False)
+        self._changed_locked(job, urgent=False)
 
     def retry(self, job_id: str, params: Optional[dict] = None) -> str:
         """Queue a new job from a finished one; ``params`` (a dict) overrides some of its params.
@@ -582,11 +604,12 @@ class Engine:
                 raise InvalidStateError(
                     f"job {job_id!r} is {job.state.value}: only queued jobs can be moved"
                 )
-            moved = self._scheduler.move(job, where)
-            if moved:
+            rekeyed = self._scheduler.move(job, where)
+            for other in rekeyed:
+                self._changed_locked(other, urgent=True)
+            if rekeyed:
                 self.order_version += 1
-                self._changed_locked(urgent=True)
-            return moved
+            return bool(rekeyed)
 
     def release(self, ids: IdList = None) -> int:
         """Let held jobs run (all held jobs when ``ids`` is None). Returns how many were released.
@@ -616,9 +639,9 @@ class Engine:
                 if job.message and job.message.startswith("held"):
                     job.message = None
                 self._events.progress(job)
+                self._changed_locked(job, urgent=True)
                 released += 1
             if released:
-                self._changed_locked(urgent=True)
                 self._work_cv.notify_all()
             return released
 
@@ -637,7 +660,6 @@ class Engine:
             if not self._paused:
                 self._paused = True
                 self._events.notice("queue paused")
-                self._changed_locked(urgent=True)
 
     def resume(self) -> None:
         """Undo ``pause()``."""
@@ -645,7 +667,6 @@ class Engine:
             if self._paused:
                 self._paused = False
                 self._events.notice("queue resumed")
-                self._changed_locked(urgent=True)
                 self._work_cv.notify_all()
 
     @property
@@ -683,11 +704,13 @@ class Engine:
             self._finished.clear()
             if n:
                 self.order_version += 1
-                self._changed_locked(urgent=True)
+                self._changed_locked(None, urgent=True)
             return n
 
     def _forget_locked(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        if self._store is not None:
+            self._removed.add(job_id)
         self._evicted[job_id] = None
         if len(self._evicted) > EVICTED_MEMORY:
             self._evicted.popitem(last=False)
@@ -796,8 +819,172 @@ class Engine:
     def pending_main_calls(self) -> int:
         return len(self._main_calls)
 
-    def flush(self) -> None:
-        """Write the sidecar now (no-op without a ``state_dir``)."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write the sidecar now and wait until it holds every change made before the call.
+
+        The write itself happens on the writer thread. Returns False if it failed or
+        did not finish within ``timeout`` (the error is in ``stats().write_error``);
+        True at once without a ``state_dir``.
+        """
+        if self._store is None:
+            return True
+        return self._store.flush(timeout)
+
+    @property
+    def sidecar_path(self) -> Optional[Path]:
+        return self._store.path if self._store is not None else None
+
+    @property
+    def store(self) -> Optional[SnapshotStore]:
+        return self._store
+
+    # ------------------------------------------------------------------ adoption
+
+    def _adopt_locked(self) -> None:
+        """Take over the sidecars of dead or shut-down engines in ``state_dir``."""
+        store = self._store
+        assert store is not None
+        sources: list[str] = []
+        problems: list[str] = []
+        moved: list[str] = []
+        counts: collections.Counter[str] = collections.Counter()
+        queued: list[JobRecord] = []
+        finished: list[JobRecord] = []
+        for path in sidecar_candidates(store.dir, store.path):
+            try:
+                data = read_sidecar(path)
+            except (OSError, SidecarError) as exc:
+                reason = "unreadable" if isinstance(exc, OSError) else "corrupt"
+                problems.append(f"{path.name}: {exc}")
+                try:
+                    moved.append(move_aside(path, reason).name)
+                except OSError as move_exc:
+                    problems.append(f"{path.name}: could not move it aside: {move_exc}")
+                self.logger.error("damaged queue file moved aside", path=str(path), error=str(exc))
+                continue
+            owner = data["_owner"]
+            if CLAIM_MARK not in path.name and not data.get("closed") and owner.is_alive():
+                continue  # a live engine's queue: never touch it
+            claimed = claim_name(path, store.owner)
+            try:
+                path.rename(claimed)  # atomic: of two engines adopting at once, one wins
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                problems.append(f"{path.name}: cannot claim it: {exc}")
+                continue
+            source = path.name.split(CLAIM_MARK, 1)[0]
+            sources.append(source)
+            store.after_next_write(claimed)  # deleted once our sidecar holds its jobs
+            for entry in data["jobs"]:
+                try:
+                    job = job_from_dict(entry)
+                except SidecarError as exc:
+                    problems.append(f"{source}: {exc}")
+                    continue
+                self._adopt_record_locked(job, source, counts, queued, finished)
+        queued.sort(key=lambda j: (j.priority, j.key[1] if j.key else 0))
+        for job in queued:
+            self._scheduler.add(job)
+        if finished:
+            finished.sort(key=lambda j: j.finished_at or 0.0)
+            self._finished = collections.OrderedDict(
+                [(j.id, None) for j in finished] + [(i, None) for i in self._finished]
+            )
+        for job in queued + finished:
+            self._events.state(job)
+            self._changed_locked(job, urgent=True)
+        self._evict_locked()
+        if sources or moved:
+            self.order_version += 1
+            self.recovery = Recovery(
+                sources=tuple(sources),
+                requeued=counts["requeued"],
+                resumed=counts["resumed"],
+                interrupted=counts["interrupted"],
+                held=counts["held"],
+                finished=counts["finished"],
+                duplicates=counts["duplicates"],
+                moved_aside=tuple(moved),
+                problems=tuple(problems),
+            )
+            level = "warning" if problems or counts["interrupted"] else "info"
+            self._events.notice(self.recovery.summary, level=level)
+            self.logger.info("recovered queue", summary=self.recovery.summary, problems=problems)
+
+    def _adopt_record_locked(
+        self,
+        job: JobRecord,
+        source: str,
+        counts: collections.Counter,
+        queued: list[JobRecord],
+        finished: list[JobRecord],
+    ) -> None:
+        existing = self._jobs.get(job.id)
+        if existing is not None:
+            if existing.kind == job.kind and existing.created_at == job.created_at:
+                counts["duplicates"] += 1
+                if not (existing.in_queue and _RANK[job.state] > _RANK[existing.state]):
+                    return
+                # The copy here is behind the adopted one (e.g. restored from a .blend
+                # while the sidecar saw it finish): the adopted one wins.
+                self._unqueue_locked(existing)
+                del self._jobs[existing.id]
+            else:
+                n = 2
+                while f"{job.id}~{n}" in self._jobs:
+                    n += 1
+                job.id = f"{job.id}~{n}"
+        job.recovered_from = source
+        spec = self._spec_or_none(job.kind)
+        state = job.state
+        if state.is_terminal:
+            counts["finished"] += 1
+            finished.append(job)
+            self._jobs[job.id] = job
+            return
+        resumable = spec is not None and spec.resumable
+        if job.kind != PYTHON_CALL and (state is not _S.RUNNING or resumable):
+            if state is _S.DISPATCHED:
+                job.attempt = max(0, job.attempt - 1)  # claimed, never started
+            if state is _S.RUNNING:
+                counts["resumed"] += 1
+                job.message = (
+                    "resumes from its checkpoint after a crash"
+                    if job.checkpoint is not None
+                    else "starts again after a crash (it had no checkpoint)"
+                )
+            else:
+                counts["requeued"] += 1
+            job.state = _S.QUEUED
+            if spec is None:
+                job.held = True
+                job.message = (
+                    f"held: kind {job.kind!r} is not registered; enable the add-on that "
+                    "provides it, then release the job"
+                )
+            elif not self._config.auto_resume:
+                job.held = True
+            if job.held:
+                counts["held"] += 1
+            job.ready = not job.held
+            queued.append(job)
+            self._jobs[job.id] = job
+            return
+        counts["interrupted"] += 1
+        job.state = _S.INTERRUPTED
+        job.finished_at = self._wall()
+        if job.kind == PYTHON_CALL:
+            job.message = "ad-hoc python.call jobs cannot be recovered after a crash; run it again"
+        elif spec is None:
+            job.message = (
+                f"was running when its process ended; kind {job.kind!r} is not registered, "
+                "so it cannot resume (retry it once the add-on is enabled)"
+            )
+        else:
+            job.message = "was running when its process ended; its partial result is kept"
+        finished.append(job)
+        self._jobs[job.id] = job
 
     # ------------------------------------------------------------------ workers
 
@@ -844,7 +1031,7 @@ class Engine:
         self._busy += 1
         self._reserved_mb += job.memory_mb or 0
         self._events.state(job)
-        self._changed_locked(urgent=True)
+        self._changed_locked(job, urgent=True)
         return job
 
     def _memory_admits_locked(self, job: JobRecord) -> bool:
@@ -919,7 +1106,7 @@ class Engine:
             heapq.heappush(self._deadlines, (job.deadline, next(self._heap_n), job))
             self._timer_cv.notify()
         self._events.state(job)
-        self._changed_locked(urgent=True)
+        self._changed_locked(job, urgent=True)
 
     def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: tuple) -> None:
         info = None
@@ -1003,7 +1190,7 @@ class Engine:
         self._scheduler.add(job, seq=job.key[1] if job.key else None)
         self.order_version += 1
         self._events.state(job)
-        self._changed_locked(urgent=True)
+        self._changed_locked(job, urgent=True)
 
     def _terminal_locked(self, job: JobRecord, state: JobState, now_wall: float) -> JobInfo:
         if job.id in self._running:  # interrupted by shutdown while its handler still runs
@@ -1023,7 +1210,7 @@ class Engine:
         self._trim_finish_times_locked(now)
         self._finished[job.id] = None
         self._events.state(job)
-        self._changed_locked(urgent=True)
+        self._changed_locked(job, urgent=True)
         self._evict_locked()
         self._done_cv.notify_all()
         info = job.snapshot()
@@ -1060,7 +1247,7 @@ class Engine:
             if message is not None:
                 job.message = message
             self._events.progress(job)
-            self._changed_locked(urgent=False)
+            self._changed_locked(job, urgent=False)
 
     def _record_checkpoint(self, job: JobRecord, data: dict) -> None:
         with self._lock:
@@ -1069,7 +1256,7 @@ class Engine:
             job.checkpoint = data
             job.partial_result = data
             self._events.progress(job)
-            self._changed_locked(urgent=False)
+            self._changed_locked(job, urgent=False)
 
     def _cancel_event(self, job: JobRecord) -> threading.Event:
         with self._lock:
@@ -1153,9 +1340,15 @@ class Engine:
 
     # ------------------------------------------------------------------ persistence hook
 
-    def _changed_locked(self, *, urgent: bool) -> None:
-        """Note that state a snapshot would hold has changed (the store listens)."""
+    def _changed_locked(self, job: Optional[JobRecord], *, urgent: bool) -> None:
+        """Note that state the sidecar holds has changed: ``urgent`` for state
+        transitions (written as soon as the writer is free), else within 0.5 s."""
         self.state_version += 1
+        store = self._store
+        if store is not None:
+            if job is not None:
+                self._dirty.add(job)
+            store.mark(urgent, self.state_version)
 
 
 def _first_line(text: str) -> str:

@@ -178,3 +178,36 @@ class EngineConfig(BaseModel):
     log_dir: Optional[Path] = Field(None, description="folder of the JSON log; default platformdirs")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     console_log: bool = Field(True, description="also log readable text to stderr")
+
+
+class Recovery(NamedTuple):
+    """What ``Engine.start`` adopted from sidecars of dead (or shut-down) engines."""
+
+    sources: tuple = ()  # sidecar file names adopted
+    requeued: int = 0  # queued (or dispatched) jobs queued again
+    resumed: int = 0  # resumable running jobs re-queued from their checkpoint
+    interrupted: int = 0  # running jobs that could not resume
+    held: int = 0  # adopted unfinished jobs that wait for release()
+    finished: int = 0  # finished jobs kept as history
+    duplicates: int = 0  # jobs already known here (same id), not adopted twice
+    moved_aside: tuple = ()  # damaged sidecars renamed (never deleted)
+    problems: tuple = ()  # human-readable reasons, one per damaged file or entry
+
+    @property
+    def adopted(self) -> int:
+        return self.requeued + self.resumed + self.interrupted + self.finished
+
+    @property
+    def summary(self) -> str:
+        parts = []
+        if self.adopted:
+            parts.append(
+                f"recovered {self.adopted} jobs from {len(self.sources)} earlier session(s): "
+                f"{self.requeued} queued again, {self.resumed} resumed from checkpoints, "
+                f"{self.interrupted} interrupted, {self.finished} finished kept"
+                + (f", {self.held} held for your go-ahead" if self.held else "")
+            )
+        if self.moved_aside:
+            parts.append(f"{len(self.moved_aside)} damaged queue file(s) moved aside: "
+                         + ", ".join(self.moved_aside))
+        return "; ".join(parts) or "nothing to recover"

@@ -167,31 +167,32 @@ class Scheduler:
         else:
             self._ready_live[job.kind] -= 1
 
-    def move(self, job: JobRecord, where: str) -> bool:
-        """Reorder ``job`` within its priority band. Returns False if it did not move."""
+    def move(self, job: JobRecord, where: str) -> list[JobRecord]:
+        """Reorder ``job`` within its priority band. Returns the jobs whose key changed
+        (none if it already stood there)."""
         p = job.priority
         if where in ("top", "bottom"):
             if where == "top":
                 edge = self._order.first_at_or_after((p,))
                 if edge is None or edge == job.key:
-                    return False
+                    return []
                 new_seq = edge[1] - 1
             else:
                 edge = self._order.last_before((p + 1,))
                 if edge is None or edge == job.key:
-                    return False
+                    return []
                 new_seq = edge[1] + 1
             self._rekey(job, new_seq)
-            return True
+            return [job]
         other_key = self._order.neighbour(job.key, -1 if where == "up" else 1)
         if other_key is None or other_key[0] != p:
-            return False
+            return []
         other = self._by_key[other_key]
         mine = job.key[1]
         self._rekey(job, None)
         self._rekey(other, mine)
         self._rekey(job, other_key[1])
-        return True
+        return [job, other]
 
     def _rekey(self, job: JobRecord, seq: Optional[int]) -> None:
         if job.key is not None and job.key in self._by_key and self._by_key[job.key] is job:

@@ -1,0 +1,439 @@
+"""The sidecar: the whole queue as versioned JSON in ``state_dir``, written off-thread.
+
+One writer thread per engine. The engine marks jobs dirty under its lock (a set
+add, nothing more); the writer wakes, copies the dirty records' fields under the
+lock (a C-level attrgetter per record), encodes them outside it, and replaces the
+file atomically: temp file in the same folder, flush, fsync, rename, fsync of
+the folder. State transitions wake the writer at once; changes that arrive while
+it writes are grouped into the next write (group commit). Progress and
+checkpoints only set a deadline 0.5 s ahead. No write ever happens on the
+submitting thread or the main thread.
+
+Each job's JSON is cached between writes, so a write re-encodes only what
+changed; the file is the live queue plus finished history (``history_limit``),
+and results over ``INLINE_RESULT_MAX`` bytes go to a file in the job's workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+import psutil
+
+from .models import JobError, JobState
+from .record import JobRecord
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+SCHEMA_VERSION = 1
+APP = "blender_taskqueue"
+SIDECAR_GLOB = "queue-*.json"
+CLAIM_MARK = ".adopting-"
+LAZY_DELAY_S = 0.5
+INLINE_RESULT_MAX = 64 * 1024
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+# The persisted fields of a JobRecord, copied in one C call under the engine lock.
+FIELDS = (
+    "id", "kind", "label", "params", "priority", "state", "progress", "stage", "message",
+    "attempt", "max_retries", "errors", "result", "partial_result", "checkpoint", "held",
+    "created_at", "started_at", "finished_at", "timeout", "memory_mb", "key", "recovered_from",
+)
+_capture = operator.attrgetter(*FIELDS)
+
+
+class Owner(NamedTuple):
+    """Who writes a sidecar: a process (pid plus start time, so a reused pid is not
+    mistaken for it) on a host, and a token naming one engine in that process."""
+
+    pid: int
+    started: float
+    host: str
+    token: str
+
+    @classmethod
+    def current(cls, token: str) -> "Owner":
+        return cls(os.getpid(), psutil.Process().create_time(), socket.gethostname(), token)
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+    def is_alive(self) -> bool:
+        """True if this owner's process still runs (or lives on another host, which we
+        cannot check and so never adopt from)."""
+        if self.host != socket.gethostname():
+            return True
+        try:
+            proc = psutil.Process(self.pid)
+            return abs(proc.create_time() - self.started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+        except psutil.AccessDenied:
+            return True
+
+
+class SidecarError(ValueError):
+    """A sidecar that cannot be read as this schema (corrupt, truncated, wrong version)."""
+
+
+def job_to_dict(values: tuple, workdir: Callable[[str], Path]) -> dict:
+    """JSON-ready dict of one job from the fields captured with ``_capture``."""
+    d = dict(zip(FIELDS, values))
+    d["state"] = d["state"].value
+    key = d.pop("key")
+    d["seq"] = key[1] if key else None
+    d["errors"] = [e._asdict() for e in d["errors"]]
+    if d["partial_result"] is d["checkpoint"]:
+        d["partial_result"] = None
+        d["partial_is_checkpoint"] = True
+    d["result"] = _result_for_disk(d["id"], d["result"], workdir)
+    return d
+
+
+def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -> Any:
+    if result is None:
+        return None
+    try:
+        text = json.dumps(result)
+    except (TypeError, ValueError):
+        return {"$repr": repr(result)[:2000]}
+    if len(text) <= INLINE_RESULT_MAX:
+        return result
+    path = workdir(job_id) / "result.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        return {"$repr": f"(result of {len(text)} bytes could not be saved: {exc})"}
+    return {"$file": str(path), "bytes": len(text)}
+
+
+def job_from_dict(d: dict) -> JobRecord:
+    """Rebuild a JobRecord from its sidecar dict. Raises SidecarError if malformed."""
+    try:
+        job = JobRecord(
+            str(d["id"]),
+            str(d["kind"]),
+            str(d.get("label") or d["kind"]),
+            dict(d.get("params") or {}),
+            int(d.get("priority", 5)),
+            float(d.get("created_at") or 0.0),
+            max_retries=int(d.get("max_retries", 0)),
+            timeout=d.get("timeout"),
+            memory_mb=d.get("memory_mb"),
+            held=bool(d.get("held", False)),
+        )
+        job.state = JobState(d["state"])
+        job.progress = float(d.get("progress") or 0.0)
+        job.stage = d.get("stage")
+        job.message = d.get("message")
+        job.attempt = int(d.get("attempt", 0))
+        job.errors = tuple(JobError(**e) for e in d.get("errors") or ())
+        job.result = d.get("result")
+        job.checkpoint = d.get("checkpoint")
+        job.partial_result = job.checkpoint if d.get("partial_is_checkpoint") else d.get("partial_result")
+        job.started_at = d.get("started_at")
+        job.finished_at = d.get("finished_at")
+        job.recovered_from = d.get("recovered_from")
+        seq = d.get("seq")
+        job.key = (job.priority, int(seq)) if seq is not None else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SidecarError(f"malformed job entry: {exc!r}") from None
+    if not 0 <= job.priority <= 9:
+        raise SidecarError(f"malformed job entry: priority {job.priority}")
+    return job
+
+
+def read_sidecar(path: Path) -> dict:
+    """Parse and check one sidecar. Raises OSError (unreadable) or SidecarError."""
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SidecarError(f"not valid JSON ({exc})") from None
+    return check_document(data)
+
+
+def check_document(data: Any) -> dict:
+    """Validate (and migrate) a queue document; returns it at the current schema."""
+    if not isinstance(data, dict) or data.get("app") != APP:
+        raise SidecarError("not a blender_taskqueue queue file")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SidecarError(f"schema_version missing or not an int: {version!r}")
+    while version < SCHEMA_VERSION:  # migrations go here, one step per version
+        raise SidecarError(f"schema_version {version} has no migration")  # pragma: no cover
+    if version > SCHEMA_VERSION:
+        raise SidecarError(
+            f"schema_version {version} is newer than this add-on understands ({SCHEMA_VERSION}); "
+            "update the add-on"
+        )
+    jobs = data.get("jobs")
+    if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+        raise SidecarError("'jobs' is not a list of job objects")
+    owner = data.get("owner")
+    if not isinstance(owner, dict):
+        raise SidecarError("'owner' missing")
+    try:
+        data["_owner"] = Owner(int(owner["pid"]), float(owner["started"]), str(owner["host"]), str(owner["token"]))
+    except (KeyError, TypeError, ValueError):
+        raise SidecarError("'owner' malformed") from None
+    return data
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Replace ``path`` with ``payload``: temp file, flush, fsync, rename, fsync folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; rename is durable enough there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged sidecar so it is kept (never deleted) and never read again."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{reason}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{reason}-{stamp}-{n}")
+    os.replace(path, target)
+    return target
+
+
+def claim_name(path: Path, owner: Owner) -> Path:
+    base = path.name.split(CLAIM_MARK, 1)[0]
+    return path.with_name(f"{base}{CLAIM_MARK}{owner.pid}-{int(owner.started)}-{owner.token}")
+
+
+def claim_is_stale(path: Path) -> bool:
+    """A claimed sidecar (``...json.adopting-<pid>-<start>-<token>``) whose claimer died."""
+    try:
+        pid, started, _token = path.name.split(CLAIM_MARK, 1)[1].split("-", 2)
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time()) != int(started)
+    except (ValueError, IndexError):
+        return True
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def sidecar_candidates(state_dir: Path, own: Path) -> list[Path]:
+    """Sidecars in ``state_dir`` other than ``own``: plain ones, and claims whose claimer died."""
+    out = []
+    try:
+        entries = sorted(state_dir.iterdir())
+    except OSError:
+        return out
+    for path in entries:
+        name = path.name
+        if not name.startswith("queue-") or path == own or not path.is_file():
+            continue
+        if CLAIM_MARK in name:
+            if name.split(CLAIM_MARK, 1)[0].endswith(".json") and claim_is_stale(path):
+                out.append(path)
+        elif name.endswith(".json"):
+            out.append(path)
+    return out
+
+
+class SnapshotStore:
+    """Owns one engine's sidecar file and the thread that writes it."""
+
+    def __init__(self, engine: "Engine", state_dir: Path, token: str,
+                 writer: Optional[Callable[[Path, bytes], None]] = None) -> None:
+        self._engine = engine
+        self.dir = Path(state_dir)
+        self.owner = Owner.current(token)
+        self.path = self.dir / f"queue-{self.owner.pid}-{token}.json"
+        self._write = writer or write_atomic
+        self._cv = threading.Condition(threading.Lock())
+        self._urgent = False
+        self._lazy_due: Optional[float] = None
+        self._closing = False
+        self._closed_clean = False
+        self._thread: Optional[threading.Thread] = None
+        self._cache: dict[str, str] = {}
+        self._order: dict[str, None] = {}
+        self._written_version = -1
+        self._wanted_version = 0
+        self.writes = 0
+        self.error: Optional[str] = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._after_write: list[Path] = []  # claimed sidecars to delete once ours holds their jobs
+        self.last_write_s = 0.0
+        self.last_size = 0
+
+    # ---- called by the engine under its lock: must stay cheap
+
+    def mark(self, urgent: bool, version: int) -> None:
+        self._wanted_version = version
+        if urgent:
+            if not self._urgent:
+                with self._cv:
+                    self._urgent = True
+                    self._cv.notify()
+        elif self._lazy_due is None:
+            with self._cv:
+                if self._lazy_due is None:
+                    self._lazy_due = time.monotonic() + LAZY_DELAY_S
+                    self._cv.notify()
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # reported; the writer keeps retrying
+            self.error = f"cannot create {self.dir}: {exc}"
+        self._thread = threading.Thread(target=self._main, name="taskqueue-writer", daemon=True)
+        self._thread.start()
+
+    def after_next_write(self, path: Path) -> None:
+        self._after_write.append(path)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write now (on the writer thread) and wait until the file holds every change
+        made before this call. Returns False on timeout or write error."""
+        target = self._engine.state_version
+        with self._cv:
+            self._urgent = True
+            self._cv.notify()
+            deadline = time.monotonic() + timeout
+            while self._written_version < target:
+                if self._thread is None or not self._thread.is_alive():
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cv.wait(min(remaining, 0.1))
+        if self._thread is None or not self._thread.is_alive():
+            self._write_once(closed=self._closed_clean)
+        return self._written_version >= target and self.error is None
+
+    def close(self, clean: bool = True, empty: bool = False) -> None:
+        """Stop the thread, then write once more, marked closed so that the next start
+        adopts the file. An engine with no jobs at all leaves no file behind."""
+        self._closed_clean = clean
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(15.0)
+        self._thread = None
+        if empty:
+            for path in [self.path, *self._after_write]:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            self._after_write.clear()
+            return
+        self._write_once(closed=clean)
+
+    # ---- the writer thread
+
+    def _main(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._closing:
+                        return
+                    now = time.monotonic()
+                    if self.error is not None and now < self._retry_at:
+                        self._cv.wait(self._retry_at - now)  # back off after a failed write
+                        continue
+                    if self._urgent or (self._lazy_due is not None and now >= self._lazy_due):
+                        break
+                    if self.error is not None:
+                        break  # retry the failed write
+                    self._cv.wait(None if self._lazy_due is None else self._lazy_due - now)
+                self._urgent = False
+                self._lazy_due = None
+            self._write_once(closed=False)
+
+    def _write_once(self, *, closed: bool) -> None:
+        eng = self._engine
+        with eng._lock:
+            version = eng.state_version
+            dirty, eng._dirty = eng._dirty, set()
+            removed, eng._removed = eng._removed, set()
+            captured = [_capture(job) for job in dirty if job.id in eng._jobs]
+            order_changed = bool(dirty or removed)
+            if order_changed:
+                ids = list(eng._jobs)  # insertion order: a stable, cheap order for the file
+        try:
+            cache = self._cache
+            for job_id in removed:
+                cache.pop(job_id, None)
+            for values in captured:
+                cache[values[0]] = json.dumps(job_to_dict(values, eng.workdir_for), separators=(",", ":"))
+            if order_changed:
+                self._order = dict.fromkeys(i for i in ids if i in cache)
+            header = json.dumps(
+                {
+                    "app": APP,
+                    "schema_version": SCHEMA_VERSION,
+                    "owner": self.owner.as_dict(),
+                    "closed": closed,
+                    "written_at": time.time(),
+                },
+                separators=(",", ":"),
+            )
+            body = ",\n".join(cache[i] for i in self._order)
+            payload = f'{header[:-1]},"jobs":[\n{body}\n]}}\n'.encode("utf-8")
+            started = time.perf_counter()
+            self._write(self.path, payload)
+            self.last_write_s = time.perf_counter() - started
+            self.last_size = len(payload)
+        except Exception as exc:  # disk full, read-only, permission: report and retry later
+            with eng._lock:  # put the changes back so the retry writes them
+                eng._dirty.update(dirty)
+                eng._removed.update(removed)
+            self._failures += 1
+            self._retry_at = time.monotonic() + RETRY_DELAYS_S[min(self._failures, len(RETRY_DELAYS_S)) - 1]
+            first = self.error is None
+            self.error = f"cannot write {self.path}: {exc}"
+            if first or self._failures % 10 == 0:
+                eng.logger.error("sidecar write failed; will retry", error=str(exc), failures=self._failures)
+            with self._cv:
+                self._cv.notify_all()
+            return
+        self.writes += 1
+        if self.error is not None:
+            eng.logger.info("sidecar write recovered", path=str(self.path))
+        self.error = None
+        self._failures = 0
+        for claimed in self._after_write:
+            try:
+                claimed.unlink()
+            except OSError:
+                pass
+        self._after_write.clear()
+        with self._cv:
+            self._written_version = max(self._written_version, version)
+            self._cv.notify_all()
