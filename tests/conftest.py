@@ -29,7 +29,14 @@ def make_engine(tmp_path, registry) -> Callable[..., Engine]:
     """
     made: list[Engine] = []
 
-    def factory(*, start: bool = True, clock: Any = None, memory_probe: Any = None, **config: Any) -> Engine:
+    def factory(
+        *,
+        start: bool = True,
+        clock: Any = None,
+        memory_probe: Any = None,
+        sidecar_writer: Any = None,
+        **config: Any,
+    ) -> Engine:
         config.setdefault("log_dir", tmp_path / "logs")
         config.setdefault("console_log", False)
         kwargs: dict[str, Any] = {"registry": registry}
@@ -37,6 +44,8 @@ def make_engine(tmp_path, registry) -> Callable[..., Engine]:
             kwargs["clock"] = clock
         if memory_probe is not None:
             kwargs["memory_probe"] = memory_probe
+        if sidecar_writer is not None:
+            kwargs["sidecar_writer"] = sidecar_writer
         engine = Engine(EngineConfig(**config), **kwargs)
         made.append(engine)
         if start:

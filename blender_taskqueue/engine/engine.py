@@ -106,6 +106,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         memory_probe: Optional[MemoryProbe] = None,
+        sidecar_writer: Optional[Callable[[Path, bytes], None]] = None,
     ) -> None:
         if config is not None and not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -157,7 +158,9 @@ class Engine:
         self._removed: set[str] = set()  # ids the sidecar must drop
         self._store: Optional[SnapshotStore] = None
         if self._config.state_dir is not None:
-            self._store = SnapshotStore(self, self._config.state_dir, self._id_prefix)
+            self._store = SnapshotStore(
+                self, self._config.state_dir, self._id_prefix, writer=sidecar_writer
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
