@@ -133,7 +133,7 @@ class Engine:
         self._busy = 0
         self._reserved_mb = 0
         self._memory_blocked: Optional[JobRecord] = None
-        self._counts = collections.Counter()
+        self._counts: collections.Counter[JobState] = collections.Counter()
         self._finish_times: collections.deque[float] = collections.deque()
         self._callbacks: list[tuple[Callable[[JobInfo], Any], bool]] = []
 

@@ -75,7 +75,7 @@ def parse_states(states: object) -> Optional[frozenset[JobState]]:
     if isinstance(states, (str, JobState)):
         states = [states]
     try:
-        return frozenset(JobState(s) for s in states)  # type: ignore[union-attr]
+        return frozenset(JobState(s) for s in states)  # type: ignore[attr-defined]
     except (ValueError, TypeError):
         valid = ", ".join(s.value for s in JobState)
         raise ValueError(f"states must be job states ({valid}), got {states!r}") from None

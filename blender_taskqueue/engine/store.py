@@ -86,7 +86,7 @@ class SidecarError(ValueError):
 
 def job_to_dict(values: tuple, workdir: Callable[[str], Path]) -> dict:
     """JSON-ready dict of one job from the fields captured with ``_capture``."""
-    d = dict(zip(FIELDS, values))
+    d = dict(zip(FIELDS, values, strict=True))
     d["state"] = d["state"].value
     key = d.pop("key")
     d["seq"] = key[1] if key else None
@@ -243,7 +243,7 @@ def claim_is_stale(path: Path) -> bool:
 
 def sidecar_candidates(state_dir: Path, own: Path) -> list[Path]:
     """Sidecars in ``state_dir`` other than ``own``: plain ones, and claims whose claimer died."""
-    out = []
+    out: list[Path] = []
     try:
         entries = sorted(state_dir.iterdir())
     except OSError:
