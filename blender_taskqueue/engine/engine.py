@@ -131,6 +131,8 @@ class Engine:
         self._deadlines: list = []  # heap of (deadline, n, job)
         self._heap_n = itertools.count()
         self._busy = 0
+        self._idle = 0  # workers waiting for work
+        self._done_waiters = 0  # threads in wait()/shutdown() waiting on _done_cv
         self._reserved_mb = 0
         self._memory_blocked: Optional[JobRecord] = None
         self._counts: collections.Counter[JobState] = collections.Counter()
@@ -155,6 +157,7 @@ class Engine:
         self._id_counter = itertools.count(1)
         self._log = EngineLog(self._config.log_dir, self._config.log_level, self._config.console_log)
         self._dirty: set[JobRecord] = set()  # jobs the sidecar must re-encode
+        self._progress_dirty: dict[str, JobRecord] = {}  # same, filled without the lock
         self._removed: set[str] = set()  # ids the sidecar must drop
         self._store: Optional[SnapshotStore] = None
         if self._config.state_dir is not None:
@@ -232,19 +235,22 @@ class Engine:
             self._timer_cv.notify_all()
             self._done_cv.notify_all()
         deadline = self._clock() + (timeout if wait else 0.0)
+        stuck: list[JobInfo] = []
         with self._lock:
+            self._done_waiters += 1
             while self._running:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
                 self._done_cv.wait(min(remaining, 0.05))
+            self._done_waiters -= 1
             now_wall = self._wall()
             for job in list(self._running.values()):
                 spec = self._spec_or_none(job.kind)
                 if spec is not None and spec.resumable:
                     continue  # stays "running" on disk; adoption re-queues it from its checkpoint
                 job.message = f"did not stop within {timeout:g} s of shutdown"
-                self._terminal_locked(job, _S.INTERRUPTED, now_wall)
+                stuck.append(self._terminal_locked(job, _S.INTERRUPTED, now_wall))
             self._closed = True
             self._work_cv.notify_all()
             self._timer_cv.notify_all()
@@ -253,6 +259,8 @@ class Engine:
         end = self._clock() + max(0.0, deadline - self._clock()) + 1.0
         for thread in workers + ([watchdog] if watchdog else []):
             thread.join(max(0.0, end - self._clock()))
+        for info in stuck:
+            self._log_finished(info)
         self.logger.info("engine stopped", stuck_workers=sum(t.is_alive() for t in workers))
         self._after_shutdown()
         self._log.close()
@@ -439,7 +447,7 @@ class Engine:
         self._events.state(job)
         self.order_version += 1
         self._changed_locked(job, urgent=True)
-        if job.ready:
+        if job.ready and self._idle:
             self._work_cv.notify()
 
     # ------------------------------------------------------------------ queries
@@ -535,6 +543,7 @@ class Engine:
                 if job.cancel_reason != "user":
                     self._request_stop_locked(job, "user")
                 return True
+        self._log_finished(info)
         self._fire_callbacks(info)
         return True
 
@@ -750,16 +759,21 @@ class Engine:
                 for job_id in watch:
                     if job_id not in self._jobs and job_id not in self._evicted:
                         self._get_locked(job_id)  # raises with a clear message
+        cursor = 0  # watch[:cursor] have finished; jobs mostly finish in order
         while True:
             if on_main:
                 tick = self.main_tick
                 if tick is not None:
-                    tick()
-                else:
-                    self.run_main_calls(0.05)
+                    tick()  # the Blender pump: events into the panel, callbacks
+                self.run_main_calls(0.05)  # this engine's own calls, whoever the tick serves
             with self._lock:
-                watch = [i for i in watch if i in self._jobs and not self._jobs[i].state.is_terminal]
-                if not watch:
+                jobs = self._jobs
+                while cursor < len(watch):
+                    job = jobs.get(watch[cursor])
+                    if job is not None and not job.state.is_terminal:
+                        break
+                    cursor += 1
+                if cursor == len(watch):
                     return True
                 remaining = None if deadline is None else deadline - self._clock()
                 if remaining is not None and remaining <= 0:
@@ -767,7 +781,11 @@ class Engine:
                 if on_main and len(self._main_calls):
                     continue
                 step = 0.1 if on_main else 1.0  # main: keep pumping; others: re-check the clock
-                self._done_cv.wait(step if remaining is None else min(step, remaining))
+                self._done_waiters += 1
+                try:
+                    self._done_cv.wait(step if remaining is None else min(step, remaining))
+                finally:
+                    self._done_waiters -= 1
 
     def on_finished(self, callback: Callable[[JobInfo], Any], *, on_main: bool = True) -> Callable[[], None]:
         """Call ``callback(info)`` whenever a job finishes; returns a function that unsubscribes.
@@ -797,8 +815,9 @@ class Engine:
                 self._main_calls.put(self._safe_callback, callback, info)
             else:
                 self._safe_callback(callback, info)
-        with self._lock:
-            self._done_cv.notify_all()  # a main-thread wait() should run them now
+        if any(on_main for _, on_main in self._callbacks):
+            with self._lock:
+                self._notify_done_locked()  # a main-thread wait() should run them now
 
     def _safe_callback(self, callback: Callable[[JobInfo], Any], info: JobInfo) -> None:
         try:
@@ -823,12 +842,13 @@ class Engine:
         return len(self._main_calls)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Write the sidecar now and wait until it holds every change made before the call.
+        """Write the sidecar (and the log) now; wait until it holds every change made before the call.
 
         The write itself happens on the writer thread. Returns False if it failed or
         did not finish within ``timeout`` (the error is in ``stats().write_error``);
         True at once without a ``state_dir``.
         """
+        self._log.flush()
         if self._store is None:
             return True
         return self._store.flush(timeout)
@@ -1001,17 +1021,29 @@ class Engine:
 
     def _worker_main(self) -> None:
         me = threading.current_thread()
+        job: Optional[JobRecord] = None
         while True:
-            with self._lock:
-                while True:
-                    if self._closing or len(self._workers) > self._config.max_workers:
-                        self._workers.discard(me)
-                        return
-                    job = self._claim_locked()
-                    if job is not None:
-                        break
-                    self._work_cv.wait()
-            self._execute(job)
+            if job is None:
+                with self._lock:
+                    while True:
+                        if self._closing or len(self._workers) > self._config.max_workers:
+                            self._workers.discard(me)
+                            return
+                        job = self._claim_locked()
+                        if job is not None:
+                            break
+                        self._idle += 1
+                        try:
+                            self._work_cv.wait()
+                        finally:
+                            self._idle -= 1
+            # _execute finishes the job and, in the same lock hold, claims the next one.
+            job = self._execute(job)
+
+    def _wake_idle_locked(self) -> None:
+        """Wake one idle worker if one waits and something is ready to run."""
+        if self._idle and self._scheduler.ready_count():
+            self._work_cv.notify()
 
     def _kind_has_room(self, kind: str) -> bool:
         spec = self._spec_or_none(kind)
@@ -1034,7 +1066,7 @@ class Engine:
         self._busy += 1
         self._reserved_mb += job.memory_mb or 0
         self._events.state(job)
-        self._changed_locked(job, urgent=True)
+        self._mark_running_locked(job)
         return job
 
     def _memory_admits_locked(self, job: JobRecord) -> bool:
@@ -1071,7 +1103,8 @@ class Engine:
             job.message = None
         return True
 
-    def _execute(self, job: JobRecord) -> None:
+    def _execute(self, job: JobRecord) -> Optional[JobRecord]:
+        """Run ``job``'s handler and record the outcome; returns the next job to run."""
         spec = self._spec_or_none(job.kind)
         stage = "params"
         outcome: tuple
@@ -1081,10 +1114,8 @@ class Engine:
                     f"job kind {job.kind!r} is not registered (is the add-on that provides it enabled?)"
                 )
             params = spec.handler_params(job.params)
-            with self._lock:
-                if job.cancel_requested:
-                    raise JobCancelled("cancelled before it started")
-                self._mark_running_locked(job)
+            if job.cancel_requested:
+                raise JobCancelled("cancelled before it started")
             ctx = JobContext(self, job, params, job.checkpoint if spec.resumable else None)
             stage = "run"
             _local.ctx = ctx
@@ -1096,7 +1127,7 @@ class Engine:
             outcome = ("error", exc, traceback.format_exc(), None if stage == "run" else stage)
         finally:
             _local.ctx = None
-        self._finish(job, spec, outcome)
+        return self._finish(job, spec, outcome)
 
     def _mark_running_locked(self, job: JobRecord) -> None:
         job.state = _S.RUNNING
@@ -1111,11 +1142,12 @@ class Engine:
         self._events.state(job)
         self._changed_locked(job, urgent=True)
 
-    def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: tuple) -> None:
+    def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: tuple) -> Optional[JobRecord]:
         info = None
+        nxt = None
         with self._lock:
             if job.id not in self._running:
-                return  # recorded interrupted at shutdown; whatever it returned now is moot
+                return None  # recorded interrupted at shutdown; whatever it returned is moot
             del self._running[job.id]
             self._busy -= 1
             self._kind_running[job.kind] -= 1
@@ -1156,10 +1188,14 @@ class Engine:
                 job.progress = 1.0
                 job.eta_seconds = 0.0
                 info = self._terminal_locked(job, _S.COMPLETED, now_wall)
-            if not self._closing:
-                self._work_cv.notify()
-            self._done_cv.notify_all()
-        self._fire_callbacks(info)
+            if not self._closing and len(self._workers) <= self._config.max_workers:
+                nxt = self._claim_locked()
+            self._wake_idle_locked()  # a kind or memory slot may have freed up for another
+            self._notify_done_locked()
+        if info is not None:
+            self._log_finished(info)
+            self._fire_callbacks(info)
+        return nxt
 
     def _fail_or_retry_locked(self, job: JobRecord, err: JobError, now_wall: float) -> Optional[JobInfo]:
         job.errors = job.errors + (err,)
@@ -1212,45 +1248,60 @@ class Engine:
         self._finish_times.append(now)
         self._trim_finish_times_locked(now)
         self._finished[job.id] = None
-        self._events.state(job)
-        self._changed_locked(job, urgent=True)
-        self._evict_locked()
-        self._done_cv.notify_all()
         info = job.snapshot()
+        self._events.state_info(info)
+        self._changed_locked(job, urgent=True)
+        if len(self._finished) > self._config.history_limit:
+            self._evict_locked()
+        self._notify_done_locked()
+        return info
+
+    def _notify_done_locked(self) -> None:
+        if self._done_waiters:
+            self._done_cv.notify_all()
+
+    def _log_finished(self, info: JobInfo) -> None:
+        """Log a finished job; called with the lock released."""
         log = self.logger
+        state = info.state
         if state is _S.COMPLETED:
-            log.debug("job completed", job_id=job.id, kind=job.kind, attempt=job.attempt)
-        elif state is _S.FAILED:
-            err = job.errors[-1]
+            log.debug("job completed", job_id=info.id, kind=info.kind, attempt=info.attempt)
+        elif state is _S.FAILED and info.error is not None:
+            err = info.error
             log.warning(
-                "job failed", job_id=job.id, kind=job.kind, attempt=job.attempt,
+                "job failed", job_id=info.id, kind=info.kind, attempt=info.attempt,
                 error_type=err.type, error=err.message, stage=err.stage,
             )
         else:
-            log.info(f"job {state.value}", job_id=job.id, kind=job.kind, reason=job.message)
-        return info
+            log.info(f"job {state.value}", job_id=info.id, kind=info.kind, reason=info.message)
 
     # ------------------------------------------------------------------ calls from JobContext
 
     def _report_progress(
         self, job: JobRecord, fraction: Optional[float], stage: Optional[str], message: Optional[str]
     ) -> None:
-        with self._lock:
-            if job.state is not _S.RUNNING:
-                return
-            if fraction is not None:
-                job.progress = fraction
-                if 0.0 < fraction < 1.0 and job.run_started is not None:
-                    elapsed = self._clock() - job.run_started
-                    job.eta_seconds = elapsed * (1.0 - fraction) / fraction
-                elif fraction >= 1.0:
-                    job.eta_seconds = 0.0
-            if stage is not None:
-                job.stage = stage
-            if message is not None:
-                job.message = message
-            self._events.progress(job)
-            self._changed_locked(job, urgent=False)
+        # Deliberately lock-free: only the job's own handler thread reports its
+        # progress, and it does so before the same thread records the outcome, so
+        # these plain attribute stores never race with a state transition. The
+        # event slot and the sidecar's dirty map are single dict stores.
+        if job.state is not _S.RUNNING:
+            return
+        if fraction is not None:
+            job.progress = fraction
+            if 0.0 < fraction < 1.0 and job.run_started is not None:
+                elapsed = self._clock() - job.run_started
+                job.eta_seconds = elapsed * (1.0 - fraction) / fraction
+            elif fraction >= 1.0:
+                job.eta_seconds = 0.0
+        if stage is not None:
+            job.stage = stage
+        if message is not None:
+            job.message = message
+        self._events.progress(job)
+        store = self._store
+        if store is not None:
+            self._progress_dirty[job.id] = job
+            store.mark_lazy()
 
     def _record_checkpoint(self, job: JobRecord, data: dict) -> None:
         with self._lock:
@@ -1274,7 +1325,7 @@ class Engine:
             return fn(*args, **kwargs)
         call = self._main_calls.put(fn, *args, **kwargs)
         with self._lock:
-            self._done_cv.notify_all()  # a main-thread wait() runs it now
+            self._notify_done_locked()  # a main-thread wait() runs it now
         while not call.done.wait(0.05):
             if (job.cancel_requested or self._closed) and self._main_calls.abandon(call):
                 raise JobCancelled(f"job {job.id} was asked to stop while waiting for the main thread")

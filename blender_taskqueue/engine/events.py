@@ -13,35 +13,42 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .models import Event
+from .models import Event, JobInfo
 from .record import JobRecord
 
 RESYNC = "resync"  # notice level: events were dropped, re-read jobs()
 
 
 class EventQueue:
-    """State events in order, progress coalesced to the latest per job."""
+    """State events and notices in order; progress coalesced to one slot per job.
+
+    ``state``/``notice`` are called under the engine lock. ``progress`` may be
+    called without it (from ``ctx.progress`` on a worker): it is a single dict
+    store, atomic under the GIL, so a flood of progress reports never contends
+    for the engine lock and memory is bounded by the number of jobs, not the
+    report rate. The drain pops that dict item by item (safe against concurrent
+    stores) and appends one progress event per job after the state events, each
+    with the snapshot taken at drain time, so applying a drain in order always
+    ends with the newest information.
+    """
 
     def __init__(self, max_events: int = 100_000) -> None:
-        self._items: list[Any] = []  # Event, JobRecord (progress placeholder) or None (dead)
-        self._progress_at: dict[str, int] = {}
+        self._items: list[Event] = []
+        self._progress: dict[str, JobRecord] = {}
         self._max = max_events
         self._dropped = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._progress)
 
     def state(self, job: JobRecord) -> None:
         self._append(Event("state", job.id, job.snapshot()))
 
+    def state_info(self, info: JobInfo) -> None:
+        self._append(Event("state", info.id, info))
+
     def progress(self, job: JobRecord) -> None:
-        # Keep the progress event at its latest position, so that a drain applied
-        # in order ends with the newest information about each job.
-        old = self._progress_at.get(job.id)
-        if old is not None:
-            self._items[old] = None
-        self._progress_at[job.id] = len(self._items)
-        self._append(job)
+        self._progress[job.id] = job
 
     def notice(
         self,
@@ -60,22 +67,18 @@ class EventQueue:
             )
         )
 
-    def _append(self, item: Any) -> None:
+    def _append(self, item: Event) -> None:
         if len(self._items) >= self._max:
             # Nobody drains: keep memory bounded and tell the consumer to resync.
             self._dropped += len(self._items)
             self._items.clear()
-            self._progress_at.clear()
-            if isinstance(item, JobRecord):
-                self._progress_at[item.id] = 0
         self._items.append(item)
 
     def drain(self) -> list[Event]:
-        items, self._items = self._items, []
-        self._progress_at = {}
-        out: list[Event] = []
+        out, self._items = self._items, []
         if self._dropped:
-            out.append(
+            out.insert(
+                0,
                 Event(
                     "notice",
                     None,
@@ -83,16 +86,16 @@ class EventQueue:
                     f"{self._dropped} events were dropped because nobody drained them; "
                     "re-read the job list",
                     RESYNC,
-                )
+                ),
             )
             self._dropped = 0
-        for item in items:
-            if item is None:
-                continue
-            if isinstance(item, JobRecord):
-                out.append(Event("progress", item.id, item.snapshot()))
-            else:
-                out.append(item)
+        progress = self._progress
+        while progress:
+            try:
+                _, job = progress.popitem()
+            except KeyError:
+                break
+            out.append(Event("progress", job.id, job.snapshot()))
         return out
 
 

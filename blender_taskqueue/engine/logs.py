@@ -3,12 +3,17 @@
 All extensions share one site-packages, so this never calls
 ``structlog.configure()`` nor touches the root ``logging`` logger: the stdlib
 logger here is a free-standing ``logging.Logger`` that no other code can reach.
+
+The caller only runs structlog's cheap processors and puts the record on a
+queue; a listener thread per engine renders and writes it. So a log line never
+costs file I/O on Blender's main thread or under the engine lock.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import queue
 import sys
 import threading
 from pathlib import Path
@@ -58,6 +63,14 @@ def _release_file_handler(path: Path) -> None:
             del _file_handlers[path]
 
 
+class _PassThroughQueueHandler(logging.handlers.QueueHandler):
+    """Enqueue the record untouched: structlog's ProcessorFormatter on the far side
+    needs the event dict that QueueHandler.prepare() would flatten into a string."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
 class EngineLog:
     """Owns the handlers of one engine's logger; ``close()`` releases them."""
 
@@ -66,21 +79,28 @@ class EngineLog:
         self._std.propagate = False
         self._std.setLevel(logging.DEBUG)
         self._path: Optional[Path] = None
-        self._console: Optional[logging.Handler] = None
+        handlers: list[logging.Handler] = []
         try:
             self._path = (log_dir or default_log_dir()) / LOG_FILE
-            self._std.addHandler(_acquire_file_handler(self._path))
+            handlers.append(_acquire_file_handler(self._path))
         except OSError as exc:  # an unwritable log folder must not stop the engine
             self._path = None
             print(f"blender_taskqueue: cannot write the log file: {exc}", file=sys.stderr)
         if console:
-            self._console = logging.StreamHandler(sys.stderr)
-            self._console.setFormatter(
+            stream = logging.StreamHandler(sys.stderr)
+            stream.setFormatter(
                 structlog.stdlib.ProcessorFormatter(
                     processor=structlog.dev.ConsoleRenderer(colors=False)
                 )
             )
-            self._std.addHandler(self._console)
+            handlers.append(stream)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._std.addHandler(_PassThroughQueueHandler(self._queue))
+        self._listener = logging.handlers.QueueListener(self._queue, *handlers)
+        self._listener.start()
+        thread = getattr(self._listener, "_thread", None)
+        if thread is not None:
+            thread.name = "taskqueue-log"
         self.logger: Any = None
         self.set_level(level)
 
@@ -99,9 +119,22 @@ class EngineLog:
             ],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.upper()]),
             logger_name="blender_taskqueue",
-        )
+        ).bind()  # bind once: the lazy proxy would re-bind on every call
+
+    def flush(self) -> None:
+        """Block until every queued line is written (restarts the listener thread)."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener.start()
+            thread = getattr(self._listener, "_thread", None)
+            if thread is not None:
+                thread.name = "taskqueue-log"
 
     def close(self) -> None:
+        """Write out what is queued, stop the listener thread, release the file."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None  # type: ignore[assignment]
         for handler in list(self._std.handlers):
             self._std.removeHandler(handler)
         if self._path is not None:

@@ -8,7 +8,8 @@ Two structures, each with one job:
   neighbour, ...), which keeps the priority untouched. It is a list of sorted
   blocks, so insert, remove and neighbour lookup are O(log n) plus a short memmove.
 * one heap per kind of the jobs that are ready to run: ``heappush(q, (priority,
-  seq, job))``. Dispatch takes the smallest head among the kinds that are below
+  seq, n, job))``; ``n`` is unique, so two entries (a stale one and its
+  replacement after a move) never fall through to comparing jobs. Dispatch takes the smallest head among the kinds that are below
   their ``max_concurrency``, so a saturated kind is skipped in O(1) instead of
   scanning its jobs. Entries go stale when a job is moved, held or removed;
   they are dropped when they reach the top, and the heap is rebuilt when more
@@ -124,6 +125,7 @@ class Scheduler:
         self._ready: dict[str, list] = {}
         self._ready_live: dict[str, int] = {}
         self._seq = count()
+        self._tiebreak = count()
 
     def __len__(self) -> int:
         return len(self._order)
@@ -217,15 +219,15 @@ class Scheduler:
         self._ready_live[kind] += 1
         if job.heap_key != job.key:
             job.heap_key = job.key
-            heapq.heappush(heap, (job.key[0], job.key[1], job))
+            heapq.heappush(heap, (job.key[0], job.key[1], next(self._tiebreak), job))
             if len(heap) > 64 and len(heap) > 2 * self._ready_live[kind]:
                 self._compact(kind)
 
     def _compact(self, kind: str) -> None:
         heap = [
-            (p, s, j)
-            for (p, s, j) in self._ready[kind]
-            if j.ready and j.in_queue and j.key == (p, s) == j.heap_key
+            entry
+            for entry in self._ready[kind]
+            if entry[3].ready and entry[3].in_queue and entry[3].key == entry[:2] == entry[3].heap_key
         ]
         heapq.heapify(heap)
         self._ready[kind] = heap
@@ -233,7 +235,7 @@ class Scheduler:
     def _head(self, kind: str) -> Optional[JobRecord]:
         heap = self._ready[kind]
         while heap:
-            p, seq, job = heap[0]
+            p, seq, _, job = heap[0]
             if job.ready and job.in_queue and job.key == (p, seq) and job.heap_key == (p, seq):
                 return job
             heapq.heappop(heap)

@@ -74,7 +74,7 @@ class Owner(NamedTuple):
         try:
             proc = psutil.Process(self.pid)
             return abs(proc.create_time() - self.started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError, OverflowError):
             return False
         except psutil.AccessDenied:
             return True
@@ -117,39 +117,93 @@ def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -
     return {"$file": str(path), "bytes": len(text)}
 
 
+def _opt(d: dict, key: str, kind: Any, *, positive: bool = False) -> Any:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise SidecarError(f"malformed job entry: {key}={value!r}")
+    if positive and not value > 0:
+        raise SidecarError(f"malformed job entry: {key}={value!r}")
+    return value
+
+
+def _str(d: dict, key: str, default: Optional[str] = None) -> Optional[str]:
+    value = d.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise SidecarError(f"malformed job entry: {key}={value!r}")
+    return value
+
+
 def job_from_dict(d: dict) -> JobRecord:
-    """Rebuild a JobRecord from its sidecar dict. Raises SidecarError if malformed."""
+    """Rebuild a JobRecord from its sidecar dict. Raises SidecarError naming a bad field;
+    every field is type-checked, since a hostile file must never reach a worker."""
     try:
+        job_id, kind = d["id"], d["kind"]
+        if not isinstance(job_id, str) or not job_id or not isinstance(kind, str) or not kind:
+            raise SidecarError(f"malformed job entry: id={job_id!r} kind={kind!r}")
+        params = d.get("params") or {}
+        priority = d.get("priority", 5)
+        if not isinstance(params, dict):
+            raise SidecarError(f"malformed job entry: params={params!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise SidecarError(f"malformed job entry: priority={priority!r}")
+        created = _opt(d, "created_at", (int, float)) or 0.0
+        max_retries = _opt(d, "max_retries", int) or 0
+        attempt = _opt(d, "attempt", int) or 0
+        if max_retries < 0 or attempt < 0:
+            raise SidecarError("malformed job entry: negative attempt or max_retries")
+        progress = _opt(d, "progress", (int, float)) or 0.0
+        if not 0.0 <= progress <= 1.0:
+            raise SidecarError(f"malformed job entry: progress={progress!r}")
+        held = d.get("held", False)
+        if not isinstance(held, bool):
+            raise SidecarError(f"malformed job entry: held={held!r}")
+        timeout = _opt(d, "timeout", (int, float), positive=True)
         job = JobRecord(
-            str(d["id"]),
-            str(d["kind"]),
-            str(d.get("label") or d["kind"]),
-            dict(d.get("params") or {}),
-            int(d.get("priority", 5)),
-            float(d.get("created_at") or 0.0),
-            max_retries=int(d.get("max_retries", 0)),
-            timeout=d.get("timeout"),
-            memory_mb=d.get("memory_mb"),
-            held=bool(d.get("held", False)),
+            job_id,
+            kind,
+            _str(d, "label") or kind,
+            params,
+            priority,
+            float(created),
+            max_retries=max_retries,
+            timeout=float(timeout) if timeout is not None else None,
+            memory_mb=_opt(d, "memory_mb", int, positive=True),
+            held=held,
         )
         job.state = JobState(d["state"])
-        job.progress = float(d.get("progress") or 0.0)
-        job.stage = d.get("stage")
-        job.message = d.get("message")
-        job.attempt = int(d.get("attempt", 0))
-        job.errors = tuple(JobError(**e) for e in d.get("errors") or ())
+        job.progress = float(progress)
+        job.stage = _str(d, "stage")
+        job.message = _str(d, "message")
+        job.attempt = attempt
+        errors = d.get("errors") or []
+        if not isinstance(errors, list) or not all(isinstance(e, dict) for e in errors):
+            raise SidecarError(f"malformed job entry: errors={errors!r}")
+        job.errors = tuple(
+            JobError(
+                str(e.get("type", "Error")),
+                str(e.get("message", "")),
+                str(e.get("traceback", "")),
+                e.get("stage") if isinstance(e.get("stage"), str) else None,
+                e["attempt"] if isinstance(e.get("attempt"), int) else 1,
+            )
+            for e in errors
+        )
         job.result = d.get("result")
-        job.checkpoint = d.get("checkpoint")
-        job.partial_result = job.checkpoint if d.get("partial_is_checkpoint") else d.get("partial_result")
-        job.started_at = d.get("started_at")
-        job.finished_at = d.get("finished_at")
-        job.recovered_from = d.get("recovered_from")
-        seq = d.get("seq")
-        job.key = (job.priority, int(seq)) if seq is not None else None
-    except (KeyError, TypeError, ValueError) as exc:
+        job.checkpoint = _opt(d, "checkpoint", dict)
+        job.partial_result = (
+            job.checkpoint if d.get("partial_is_checkpoint") else _opt(d, "partial_result", dict)
+        )
+        job.started_at = _opt(d, "started_at", (int, float))
+        job.finished_at = _opt(d, "finished_at", (int, float))
+        job.recovered_from = _str(d, "recovered_from")
+        seq = _opt(d, "seq", int)
+        job.key = (priority, seq) if seq is not None else None
+    except SidecarError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SidecarError(f"malformed job entry: {exc!r}") from None
-    if not 0 <= job.priority <= 9:
-        raise SidecarError(f"malformed job entry: priority {job.priority}")
     return job
 
 
@@ -183,10 +237,14 @@ def check_document(data: Any) -> dict:
     owner = data.get("owner")
     if not isinstance(owner, dict):
         raise SidecarError("'owner' missing")
-    try:
-        data["_owner"] = Owner(int(owner["pid"]), float(owner["started"]), str(owner["host"]), str(owner["token"]))
-    except (KeyError, TypeError, ValueError):
-        raise SidecarError("'owner' malformed") from None
+    pid, started = owner.get("pid"), owner.get("started")
+    if (
+        isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0
+        or isinstance(started, bool) or not isinstance(started, (int, float))
+        or not isinstance(owner.get("host"), str) or not isinstance(owner.get("token"), str)
+    ):
+        raise SidecarError(f"'owner' malformed: {owner!r}"[:300])
+    data["_owner"] = Owner(pid, float(started), owner["host"], owner["token"])
     return data
 
 
@@ -233,7 +291,7 @@ def claim_is_stale(path: Path) -> bool:
         pid, started, _token = path.name.split(CLAIM_MARK, 1)[1].split("-", 2)
         proc = psutil.Process(int(pid))
         return int(proc.create_time()) != int(started)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, OverflowError):
         return True
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return True
@@ -303,6 +361,14 @@ class SnapshotStore:
                     self._lazy_due = time.monotonic() + LAZY_DELAY_S
                     self._cv.notify()
 
+    def mark_lazy(self) -> None:
+        """Progress changed: write within LAZY_DELAY_S. Lock-free when a write is due anyway."""
+        if self._lazy_due is None and not self._urgent:
+            with self._cv:
+                if self._lazy_due is None:
+                    self._lazy_due = time.monotonic() + LAZY_DELAY_S
+                    self._cv.notify()
+
     # ---- lifecycle
 
     def start(self) -> None:
@@ -321,8 +387,9 @@ class SnapshotStore:
         made before this call. Returns False on timeout or write error."""
         target = self._engine.state_version
         with self._cv:
-            self._urgent = True
-            self._cv.notify()
+            if self._written_version < target:
+                self._urgent = True
+                self._cv.notify()
             deadline = time.monotonic() + timeout
             while self._written_version < target:
                 if self._thread is None or not self._thread.is_alive():
@@ -381,11 +448,19 @@ class SnapshotStore:
         with eng._lock:
             version = eng.state_version
             dirty, eng._dirty = eng._dirty, set()
+            progress = eng._progress_dirty
+            while progress:  # popitem is safe against lock-free stores from workers
+                try:
+                    dirty.add(progress.popitem()[1])
+                except KeyError:
+                    break
             removed, eng._removed = eng._removed, set()
             captured = [_capture(job) for job in dirty if job.id in eng._jobs]
             order_changed = bool(dirty or removed)
             if order_changed:
                 ids = list(eng._jobs)  # insertion order: a stable, cheap order for the file
+        if not order_changed and version == self._written_version and not closed:
+            return  # nothing new: rewriting would only churn the disk
         try:
             cache = self._cache
             for job_id in removed:
