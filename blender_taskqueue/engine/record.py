@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Optional
 
-from .models import JobError, JobInfo, JobState
+from .models import TERMINAL_STATES, JobError, JobInfo, JobState
 
 
 class JobRecord:
@@ -109,28 +109,37 @@ class JobRecord:
 
     def snapshot(self) -> JobInfo:
         errors = self.errors
-        return JobInfo(
-            self.id,
-            self.kind,
-            self.label,
-            self.params_view(),
-            self.priority,
-            self.state,
-            self.progress,
-            self.stage,
-            self.message,
-            self.eta_seconds,
-            self.attempt,
-            self.max_retries,
-            errors[-1] if errors and self.state is not JobState.COMPLETED else None,
-            self.result,
-            self.partial_result,
-            self.held,
-            self.created_at,
-            self.started_at,
-            self.finished_at,
-            errors,
-            self.timeout,
-            self.memory_mb,
-            self.cancel_requested and not self.state.is_terminal,
+        state = self.state
+        # tuple.__new__ skips the namedtuple's Python-level __new__: this runs
+        # several times per job on the hot path.
+        return _new_tuple(
+            JobInfo,
+            (
+                self.id,
+                self.kind,
+                self.label,
+                self._view or self.params_view(),
+                self.priority,
+                state,
+                self.progress,
+                self.stage,
+                self.message,
+                self.eta_seconds,
+                self.attempt,
+                self.max_retries,
+                errors[-1] if errors and state is not JobState.COMPLETED else None,
+                self.result,
+                self.partial_result,
+                self.held,
+                self.created_at,
+                self.started_at,
+                self.finished_at,
+                errors,
+                self.timeout,
+                self.memory_mb,
+                self.cancel_requested and state not in TERMINAL_STATES,
+            ),
         )
+
+
+_new_tuple = tuple.__new__
