@@ -123,6 +123,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "move_p99_us": ("max", 100.0),
     "memory_per_job_bytes": ("max", 2048.0),
     "drain_p99_ms": ("max", 1.0),
+    "sidecar_write_ms": ("max", 100.0),
+    "adoption_ms": ("max", 500.0),
 }
 
 
@@ -770,6 +772,82 @@ class Bench:
             "progress_busy_s": _round(busy),
         }
 
+    # ----------------------------------------------------------------------- sidecar
+
+    def sidecar(self, report: Report) -> None:
+        """Snapshot store: full write time and size, writes per burst, adoption time.
+
+        Baselines: a plain ``json.dumps`` of the same jobs written with the same
+        atomic write (the least any JSON sidecar costs), and a burst of submits
+        into an engine without a ``state_dir`` (the submit path without a store).
+        """
+        from blender_taskqueue.engine.store import _capture, job_to_dict, write_atomic
+
+        counts = (1_000, self.sizes.queued_jobs)
+        for n in counts:
+            _log(self.quiet, f"sidecar: {n} jobs, full write and adoption")
+            state_dir = self.log_dir / f"state-{n}"
+            config = EngineConfig(max_workers=4, state_dir=state_dir, log_dir=self.log_dir,
+                                  console_log=False)
+            engine = Engine(config, registry=self.registry)
+            engine.pause()
+            engine.start()
+            store = engine.store
+            assert store is not None
+            writes_before = store.writes
+            submit = engine.submit
+            lat_store = [0] * n
+            ns = time.perf_counter_ns
+            for i in range(n):
+                t0 = ns()
+                submit(NOOP_KIND, {"i": i, "prompt": "a teapot"}, label=f"job {i}")
+                lat_store[i] = ns() - t0
+            if not engine.flush(timeout=60):
+                raise RuntimeError(f"flush failed: {engine.stats().write_error}")
+            burst_writes = store.writes - writes_before
+            write_s = statistics.median(store.rewrite_all() for _ in range(3))
+            size = store.last_size
+            with engine._lock:  # the same job dicts the store encodes
+                docs = [job_to_dict(_capture(rec), engine.workdir_for)
+                        for rec in engine._jobs.values()]
+            baseline_path = state_dir / "baseline.json"
+            t0 = time.perf_counter()
+            write_atomic(baseline_path, json.dumps(docs).encode())
+            raw_s = time.perf_counter() - t0
+            baseline_path.unlink()
+            engine.shutdown()
+            with self.engine(4, paused=True) as plain:
+                lat_plain = [0] * n
+                for i in range(n):
+                    t0 = ns()
+                    plain.submit(NOOP_KIND, {"i": i, "prompt": "a teapot"}, label=f"job {i}")
+                    lat_plain[i] = ns() - t0
+            adopter = Engine(config, registry=self.registry)
+            adopter.pause()
+            t0 = time.perf_counter()
+            adopter.start()
+            adopt_s = time.perf_counter() - t0
+            recovered = adopter.recovery.adopted if adopter.recovery else 0
+            adopter.shutdown()
+            if recovered != n:
+                raise RuntimeError(f"adopted {recovered} of {n} jobs")
+            report.add(Figure(f"sidecar_write_ms_{n}", f"sidecar full write, {n:,} jobs",
+                              "ms", write_s * 1000, raw_s * 1000,
+                              target="sidecar_write_ms" if n == counts[-1] else None,
+                              note="baseline: one json.dumps of the same jobs + atomic write"))
+            report.add(Figure(f"sidecar_bytes_per_job_{n}", f"sidecar size per job, {n:,} jobs",
+                              "B", size / n))
+            report.add(Figure(f"sidecar_burst_writes_{n}",
+                              f"sidecar writes during a burst of {n:,} submits", "writes",
+                              burst_writes))
+            report.add(Figure(f"submit_p99_with_store_us_{n}",
+                              f"submit p99 with a sidecar, {n:,} jobs", "µs",
+                              _us(lat_store, 99), _us(lat_plain, 99),
+                              note="baseline: same engine without state_dir"))
+            report.add(Figure(f"adoption_ms_{n}", f"adoption of a {n:,}-job sidecar", "ms",
+                              adopt_s * 1000,
+                              target="adoption_ms" if n == counts[-1] else None))
+
     # ----------------------------------------------------------------------- timer
 
     @staticmethod
@@ -880,6 +958,7 @@ def run(args: argparse.Namespace) -> Report:
         ("latency", bench.latencies),
         ("memory", bench.memory),
         ("drain", bench.drain),
+        ("sidecar", bench.sidecar),
     ]
     try:
         report.details["timer_overhead_ns"] = bench.timer_overhead_ns()

@@ -50,6 +50,26 @@ FIELDS = (
 _capture = operator.attrgetter(*FIELDS)
 
 
+def _make_encoder() -> Callable[[Any], str]:
+    """A compact JSON encoder built once. ``json.dumps`` builds a new encoder (and
+    its C scanner) on every call, which costs more than encoding a small job."""
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii
+    except ImportError:  # pragma: no cover - pure-Python json
+        c_make_encoder = None
+    if c_make_encoder is None:  # pragma: no cover
+        return json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+    def default(obj: Any) -> Any:
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+    chunks = c_make_encoder(None, default, encode_basestring_ascii, None, ":", ",", False, False, True)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_encode = _make_encoder()
+
+
 class Owner(NamedTuple):
     """Who writes a sidecar: a process (pid plus start time, so a reused pid is not
     mistaken for it) on a host, and a token naming one engine in that process."""
@@ -422,6 +442,18 @@ class SnapshotStore:
             return
         self._write_once(closed=clean)
 
+    def rewrite_all(self) -> float:
+        """Re-encode and write every job now, on the calling thread; returns the seconds
+        the encode and write took. For tools and the benchmark (a full write from
+        scratch), never for the engine's own paths."""
+        eng = self._engine
+        with eng._lock:
+            self._cache.clear()
+            eng._dirty.update(eng._jobs.values())
+        started = time.perf_counter()
+        self._write_once(closed=False)
+        return time.perf_counter() - started
+
     # ---- the writer thread
 
     def _main(self) -> None:
@@ -466,7 +498,7 @@ class SnapshotStore:
             for job_id in removed:
                 cache.pop(job_id, None)
             for values in captured:
-                cache[values[0]] = json.dumps(job_to_dict(values, eng.workdir_for), separators=(",", ":"))
+                cache[values[0]] = _encode(job_to_dict(values, eng.workdir_for))
             if order_changed:
                 self._order = dict.fromkeys(i for i in ids if i in cache)
             header = json.dumps(
