@@ -131,8 +131,8 @@ def on_finished(callback: Callable[[JobInfo], Any], *, on_main: bool = True) -> 
     return engine().on_finished(callback, on_main=on_main)
 
 
-def flush() -> None:
-    engine().flush()
+def flush(timeout: float = 10.0) -> bool:
+    return engine().flush(timeout)
 
 
 def drain_events() -> list[Event]:

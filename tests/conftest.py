@@ -24,8 +24,8 @@ def registry() -> KindRegistry:
 def make_engine(tmp_path, registry) -> Callable[..., Engine]:
     """Factory: ``make_engine(max_workers=2, start=True, **config)`` -> a started Engine.
 
-    Every engine is shut down at teardown, and the test fails if a worker or
-    watchdog thread outlives it (unless the test marks it ``allow_stuck``).
+    Every engine is shut down at teardown, and the test fails if a worker,
+    watchdog, writer or log thread outlives it.
     """
     made: list[Engine] = []
 

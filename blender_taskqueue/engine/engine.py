@@ -234,12 +234,14 @@ class Engine:
             self._work_cv.notify_all()
             self._timer_cv.notify_all()
             self._done_cv.notify_all()
-        deadline = self._clock() + (timeout if wait else 0.0)
+        # Deadlines for waiting are real time; the injected clock only drives job
+        # semantics (timeouts, backoff, ETA), and a test's frozen clock must not hang us.
+        deadline = time.monotonic() + (timeout if wait else 0.0)
         stuck: list[JobInfo] = []
         with self._lock:
             self._done_waiters += 1
             while self._running:
-                remaining = deadline - self._clock()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._done_cv.wait(min(remaining, 0.05))
@@ -249,18 +251,23 @@ class Engine:
                 spec = self._spec_or_none(job.kind)
                 if spec is not None and spec.resumable:
                     continue  # stays "running" on disk; adoption re-queues it from its checkpoint
-                job.message = f"did not stop within {timeout:g} s of shutdown"
+                job.message = (
+                    f"did not stop within {timeout:g} s of shutdown"
+                    if wait
+                    else "still running when the engine shut down without waiting"
+                )
                 stuck.append(self._terminal_locked(job, _S.INTERRUPTED, now_wall))
             self._closed = True
             self._work_cv.notify_all()
             self._timer_cv.notify_all()
             workers = [w for w in self._workers if w is not threading.current_thread()]
             watchdog = self._watchdog
-        end = self._clock() + max(0.0, deadline - self._clock()) + 1.0
+        end = max(deadline, time.monotonic()) + 1.0
         for thread in workers + ([watchdog] if watchdog else []):
-            thread.join(max(0.0, end - self._clock()))
+            thread.join(max(0.0, end - time.monotonic()))
         for info in stuck:
             self._log_finished(info)
+            self._fire_callbacks(info)
         self.logger.info("engine stopped", stuck_workers=sum(t.is_alive() for t in workers))
         self._after_shutdown()
         self._log.close()
@@ -551,7 +558,8 @@ class Engine:
         self._scheduler.remove(job)
         job.not_before = None
         if self._memory_blocked is job:
-            self._memory_blocked = None
+            self._memory_blocked = None  # the jobs behind it may fit
+            self._work_cv.notify_all()
         self.order_version += 1
 
     def _request_stop_locked(self, job: JobRecord, reason: str) -> None:
@@ -721,6 +729,8 @@ class Engine:
 
     def _forget_locked(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        self._events.forget(job_id)
+        self._progress_dirty.pop(job_id, None)
         if self._store is not None:
             self._removed.add(job_id)
         self._evicted[job_id] = None
@@ -750,7 +760,7 @@ class Engine:
             KeyError (``JobNotFound``): an id that was never known here.
         """
         on_main = threading.current_thread() is threading.main_thread()
-        deadline = None if timeout is None else self._clock() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if ids is None:
                 watch = [j.id for j in self._jobs.values() if not j.state.is_terminal]
@@ -774,8 +784,8 @@ class Engine:
                         break
                     cursor += 1
                 if cursor == len(watch):
-                    return True
-                remaining = None if deadline is None else deadline - self._clock()
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 if on_main and len(self._main_calls):
@@ -786,6 +796,9 @@ class Engine:
                     self._done_cv.wait(step if remaining is None else min(step, remaining))
                 finally:
                     self._done_waiters -= 1
+        if on_main:  # callbacks of the jobs just waited for were queued when they finished
+            self.run_main_calls(0.05)
+        return True
 
     def on_finished(self, callback: Callable[[JobInfo], Any], *, on_main: bool = True) -> Callable[[], None]:
         """Call ``callback(info)`` whenever a job finishes; returns a function that unsubscribes.
@@ -807,17 +820,20 @@ class Engine:
 
         return unsubscribe
 
+    def _queue_main_callbacks_locked(self, info: JobInfo) -> None:
+        # Queued under the lock, in the same hold that makes the job terminal, so a
+        # main-thread wait() that sees the job finished also finds its callbacks.
+        for callback, on_main in self._callbacks:
+            if on_main:
+                self._main_calls.put(self._safe_callback, callback, info)
+
     def _fire_callbacks(self, info: Optional[JobInfo]) -> None:
+        """Run the worker-thread callbacks (main-thread ones are already queued)."""
         if info is None or not self._callbacks:
             return
         for callback, on_main in list(self._callbacks):
-            if on_main:
-                self._main_calls.put(self._safe_callback, callback, info)
-            else:
+            if not on_main:
                 self._safe_callback(callback, info)
-        if any(on_main for _, on_main in self._callbacks):
-            with self._lock:
-                self._notify_done_locked()  # a main-thread wait() should run them now
 
     def _safe_callback(self, callback: Callable[[JobInfo], Any], info: JobInfo) -> None:
         try:
@@ -1073,6 +1089,10 @@ class Engine:
         cfg = self._config
         need = job.memory_mb or 0
         if cfg.min_free_memory_mb is None and cfg.max_memory_mb is None and not need:
+            if self._memory_blocked is not None:  # the limits were lifted
+                self._memory_blocked.message = None
+                self._events.progress(self._memory_blocked)
+                self._memory_blocked = None
             return True
         reasons = []
         free = self._memory.available_mb() - self._reserved_mb
@@ -1250,6 +1270,8 @@ class Engine:
         self._finished[job.id] = None
         info = job.snapshot()
         self._events.state_info(info)
+        if self._callbacks:
+            self._queue_main_callbacks_locked(info)
         self._changed_locked(job, urgent=True)
         if len(self._finished) > self._config.history_limit:
             self._evict_locked()

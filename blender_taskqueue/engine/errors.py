@@ -28,7 +28,7 @@ class InvalidStateError(TaskQueueError, RuntimeError):
 
 
 class EngineClosed(TaskQueueError, RuntimeError):
-    """The engine was shut down (or never started) and takes no new work."""
+    """The engine was shut down and takes no new work (jobs submitted before ``start()`` wait for it)."""
 
 
 class JobNotFound(TaskQueueError, KeyError):

@@ -50,6 +50,10 @@ class EventQueue:
     def progress(self, job: JobRecord) -> None:
         self._progress[job.id] = job
 
+    def forget(self, job_id: str) -> None:
+        """The job left history: do not keep it alive for a drain that may never come."""
+        self._progress.pop(job_id, None)
+
     def notice(
         self,
         message: str,

@@ -52,7 +52,14 @@ class KindSpec:
                     raise InvalidParams(
                         f"invalid params for kind {self.name!r}: {_summarise(exc)}"
                     ) from None
-            return model.model_dump(mode="json")
+            try:
+                dumped = model.model_dump(mode="json")
+                json.dumps(dumped, allow_nan=False)
+            except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
+                raise InvalidParams(
+                    f"params for kind {self.name!r} cannot be stored as JSON: {exc}"
+                ) from None
+            return dumped
         if params is None:
             return {}
         if not isinstance(params, dict):
@@ -63,17 +70,31 @@ class KindSpec:
             return params
         try:
             # Round-trip so the stored params are exactly what the sidecar will hold.
-            return json.loads(json.dumps(params))
+            stored = json.loads(json.dumps(params, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise InvalidParams(
                 f"params for kind {self.name!r} must be JSON data: {exc}"
             ) from None
+        if stored != _lists_for_tuples(params):
+            raise InvalidParams(
+                f"params for kind {self.name!r} must be JSON data: every dict key must be a "
+                "str (an int key would come back as a str after a crash)"
+            )
+        return stored
 
     def handler_params(self, params: dict) -> Any:
         """What the handler receives: the model instance, or the plain dict."""
         if self.params is None:
             return params
         return self.params.model_validate(params)
+
+
+def _lists_for_tuples(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return [_lists_for_tuples(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _lists_for_tuples(v) for k, v in obj.items()}
+    return obj
 
 
 def _summarise(exc: ValidationError) -> str:

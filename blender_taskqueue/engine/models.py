@@ -161,9 +161,9 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
-    max_workers: int = Field(4, ge=1, le=8, description="worker threads running jobs")
-    max_queued: int = Field(10_000, ge=1, description="queued jobs before submit raises QueueFull")
-    history_limit: int = Field(500, ge=0, description="finished jobs kept for get()/jobs()")
+    max_workers: int = Field(4, ge=1, le=8, strict=True, description="worker threads running jobs")
+    max_queued: int = Field(10_000, ge=1, strict=True, description="queued jobs before submit raises QueueFull")
+    history_limit: int = Field(500, ge=0, strict=True, description="finished jobs kept for get()/jobs()")
     state_dir: Optional[Path] = Field(None, description="folder of the sidecar; None = no persistence")
     work_dir: Optional[Path] = Field(
         None, description="root of per-job work folders; default state_dir/jobs or a temp folder"

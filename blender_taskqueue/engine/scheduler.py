@@ -125,6 +125,7 @@ class Scheduler:
         self._ready: dict[str, list] = {}
         self._ready_live: dict[str, int] = {}
         self._seq = count()
+        self._top = count(-1, -1)  # "top" keys: below every key ever given, never reused
         self._tiebreak = count()
 
     def __len__(self) -> int:
@@ -156,8 +157,20 @@ class Scheduler:
         del self._by_key[job.key]
         job.in_queue = False
         if job.ready:
-            self._ready_live[job.kind] -= 1
             job.ready = False
+            self._ready_live[job.kind] -= 1
+            self._trim(job.kind)
+
+    def _trim(self, kind: str) -> None:
+        """Drop stale entries so that removed jobs are not kept alive by the heap."""
+        heap = self._ready[kind]
+        if self._ready_live[kind] == 0:
+            for entry in heap:
+                if entry[3].heap_key == entry[:2]:
+                    entry[3].heap_key = None
+            heap.clear()
+        elif len(heap) > 64 and len(heap) > 2 * self._ready_live[kind]:
+            self._compact(kind)
 
     def set_ready(self, job: JobRecord, ready: bool) -> None:
         """Mark a queued job dispatchable or not (held, backing off)."""
@@ -168,22 +181,25 @@ class Scheduler:
             self._push_ready(job)
         else:
             self._ready_live[job.kind] -= 1
+            self._trim(job.kind)
 
     def move(self, job: JobRecord, where: str) -> list[JobRecord]:
         """Reorder ``job`` within its priority band. Returns the jobs whose key changed
         (none if it already stood there)."""
         p = job.priority
         if where in ("top", "bottom"):
+            # Fresh keys from two counters, never "first - 1" or "last + 1": those may
+            # be a dispatched job's key that a retry will bring back.
             if where == "top":
                 edge = self._order.first_at_or_after((p,))
                 if edge is None or edge == job.key:
                     return []
-                new_seq = edge[1] - 1
+                new_seq = next(self._top)
             else:
                 edge = self._order.last_before((p + 1,))
                 if edge is None or edge == job.key:
                     return []
-                new_seq = edge[1] + 1
+                new_seq = next(self._seq)
             self._rekey(job, new_seq)
             return [job]
         other_key = self._order.neighbour(job.key, -1 if where == "up" else 1)
@@ -224,11 +240,13 @@ class Scheduler:
                 self._compact(kind)
 
     def _compact(self, kind: str) -> None:
-        heap = [
-            entry
-            for entry in self._ready[kind]
-            if entry[3].ready and entry[3].in_queue and entry[3].key == entry[:2] == entry[3].heap_key
-        ]
+        heap = []
+        for entry in self._ready[kind]:
+            job = entry[3]
+            if job.ready and job.in_queue and job.key == entry[:2] == job.heap_key:
+                heap.append(entry)
+            elif job.heap_key == entry[:2]:
+                job.heap_key = None  # its entry is gone: the next _push_ready must push again
         heapq.heapify(heap)
         self._ready[kind] = heap
 
