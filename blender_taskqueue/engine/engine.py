@@ -55,7 +55,13 @@ from .record import JobRecord
 from .resources import MemoryProbe
 from .scheduler import Scheduler
 from .store import (
+    APP,
     CLAIM_MARK,
+    SCHEMA_VERSION,
+    Owner,
+    _capture,
+    check_document,
+    job_to_dict,
     SidecarError,
     SnapshotStore,
     claim_name,
@@ -883,12 +889,9 @@ class Engine:
         """Take over the sidecars of dead or shut-down engines in ``state_dir``."""
         store = self._store
         assert store is not None
-        sources: list[str] = []
         problems: list[str] = []
         moved: list[str] = []
-        counts: collections.Counter[str] = collections.Counter()
-        queued: list[JobRecord] = []
-        finished: list[JobRecord] = []
+        documents: list[tuple[str, dict]] = []
         for path in sidecar_candidates(store.dir, store.path):
             try:
                 data = read_sidecar(path)
@@ -913,15 +916,53 @@ class Engine:
                 problems.append(f"{path.name}: cannot claim it: {exc}")
                 continue
             source = path.name.split(CLAIM_MARK, 1)[0]
-            sources.append(source)
+            stale_tmp = path.with_name(f".{source}.tmp")  # a write its owner never finished
+            try:
+                stale_tmp.unlink()
+            except OSError:
+                pass
+            documents.append((source, data))
             store.after_next_write(claimed)  # deleted once our sidecar holds its jobs
+        recovery = self._merge_documents_locked(documents, problems=problems, moved=moved)
+        if recovery is not None:
+            self.recovery = recovery
+            self.logger.info("recovered queue", summary=recovery.summary, problems=list(recovery.problems))
+
+    def _merge_documents_locked(
+        self,
+        documents: list[tuple[str, dict]],
+        *,
+        problems: Optional[list[str]] = None,
+        moved: Optional[list[str]] = None,
+        hold: bool = False,
+    ) -> Optional[Recovery]:
+        """Adopt the jobs of checked queue documents (sidecars, or a .blend's copy).
+
+        The same job may stand in several documents (an adopter that died before
+        deleting the file it claimed); its most advanced copy wins, so a job that
+        finished anywhere is never queued again.
+        """
+        problems = problems if problems is not None else []
+        moved = moved if moved is not None else []
+        counts: collections.Counter[str] = collections.Counter()
+        best: dict[tuple, tuple[str, JobRecord]] = {}
+        for source, data in documents:
             for entry in data["jobs"]:
                 try:
                     job = job_from_dict(entry)
                 except SidecarError as exc:
                     problems.append(f"{source}: {exc}")
                     continue
-                self._adopt_record_locked(job, source, counts, queued, finished)
+                ident = (job.id, job.kind, job.created_at)
+                kept = best.get(ident)
+                if kept is not None:
+                    counts["duplicates"] += 1
+                if kept is None or _RANK[job.state] > _RANK[kept[1].state]:
+                    best[ident] = (source, job)
+        queued: list[JobRecord] = []
+        finished: list[JobRecord] = []
+        for source, job in best.values():
+            self._adopt_record_locked(job, source, counts, queued, finished, hold=hold)
         queued.sort(key=lambda j: (j.priority, j.key[1] if j.key else 0))
         for job in queued:
             self._scheduler.add(job)
@@ -934,22 +975,55 @@ class Engine:
             self._events.state(job)
             self._changed_locked(job, urgent=True)
         self._evict_locked()
-        if sources or moved:
-            self.order_version += 1
-            self.recovery = Recovery(
-                sources=tuple(sources),
-                requeued=counts["requeued"],
-                resumed=counts["resumed"],
-                interrupted=counts["interrupted"],
-                held=counts["held"],
-                finished=counts["finished"],
-                duplicates=counts["duplicates"],
-                moved_aside=tuple(moved),
-                problems=tuple(problems),
-            )
-            level = "warning" if problems or counts["interrupted"] else "info"
-            self._events.notice(self.recovery.summary, level=level)
-            self.logger.info("recovered queue", summary=self.recovery.summary, problems=problems)
+        if queued:
+            self._work_cv.notify_all()
+        if not documents and not moved:
+            return None
+        self.order_version += 1
+        recovery = Recovery(
+            sources=tuple(source for source, _ in documents),
+            requeued=counts["requeued"],
+            resumed=counts["resumed"],
+            interrupted=counts["interrupted"],
+            held=counts["held"],
+            finished=counts["finished"],
+            duplicates=counts["duplicates"],
+            moved_aside=tuple(moved),
+            problems=tuple(problems),
+        )
+        level = "warning" if problems or counts["interrupted"] else "info"
+        self._events.notice(recovery.summary, level=level)
+        return recovery
+
+    def export_state(self) -> dict:
+        """The whole queue as a JSON-ready document (the sidecar's schema), e.g. to
+        store it inside a .blend file."""
+        with self._lock:
+            captured = [_capture(job) for job in self._jobs.values()]
+        return {
+            "app": APP,
+            "schema_version": SCHEMA_VERSION,
+            "owner": (self._store.owner if self._store else Owner.current(self._id_prefix)).as_dict(),
+            "closed": True,
+            "written_at": time.time(),
+            "jobs": [job_to_dict(values, self.workdir_for) for values in captured],
+        }
+
+    def import_state(self, document: Any, *, source: str = "imported", hold: bool = True) -> Recovery:
+        """Adopt the jobs of an ``export_state()`` document, e.g. from an opened .blend.
+
+        Jobs already known here (same id) are not adopted twice. With ``hold``,
+        unfinished jobs come back held: they wait for ``release()``.
+
+        Raises:
+            ValueError (``SidecarError``): the document is not a queue of this schema.
+        """
+        data = check_document(document)
+        with self._lock:
+            recovery = self._merge_documents_locked([(source, data)], hold=hold)
+        assert recovery is not None
+        self.logger.info("imported queue", source=source, summary=recovery.summary)
+        return recovery
 
     def _adopt_record_locked(
         self,
@@ -958,6 +1032,8 @@ class Engine:
         counts: collections.Counter,
         queued: list[JobRecord],
         finished: list[JobRecord],
+        *,
+        hold: bool = False,
     ) -> None:
         existing = self._jobs.get(job.id)
         if existing is not None:
@@ -988,6 +1064,7 @@ class Engine:
                 job.attempt = max(0, job.attempt - 1)  # claimed, never started
             if state is _S.RUNNING:
                 counts["resumed"] += 1
+                job.attempt = max(0, job.attempt - 1)  # the resume continues that attempt
                 job.message = (
                     "resumes from its checkpoint after a crash"
                     if job.checkpoint is not None
@@ -1002,7 +1079,7 @@ class Engine:
                     f"held: kind {job.kind!r} is not registered; enable the add-on that "
                     "provides it, then release the job"
                 )
-            elif not self._config.auto_resume:
+            elif hold or not self._config.auto_resume:
                 job.held = True
             if job.held:
                 counts["held"] += 1

@@ -130,8 +130,7 @@ def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -
     path = workdir(job_id) / "result.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.write_text(text, encoding="utf-8")
+        write_atomic(path, text.encode("utf-8"))  # a re-run's result replaces the old one
     except OSError as exc:
         return {"$repr": f"(result of {len(text)} bytes could not be saved: {exc})"}
     return {"$file": str(path), "bytes": len(text)}
@@ -153,6 +152,16 @@ def _str(d: dict, key: str, default: Optional[str] = None) -> Optional[str]:
     if value is not None and not isinstance(value, str):
         raise SidecarError(f"malformed job entry: {key}={value!r}")
     return value
+
+
+def _result_from_disk(result: Any) -> Any:
+    """Load a result stored as a file; a missing file says so in place of the result."""
+    if isinstance(result, dict) and set(result) == {"$file", "bytes"} and isinstance(result["$file"], str):
+        try:
+            return json.loads(Path(result["$file"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            return {"$missing": result["$file"], "error": str(exc)}
+    return result
 
 
 def job_from_dict(d: dict) -> JobRecord:
@@ -210,7 +219,7 @@ def job_from_dict(d: dict) -> JobRecord:
             )
             for e in errors
         )
-        job.result = d.get("result")
+        job.result = _result_from_disk(d.get("result"))
         job.checkpoint = _opt(d, "checkpoint", dict)
         job.partial_result = (
             job.checkpoint if d.get("partial_is_checkpoint") else _opt(d, "partial_result", dict)
@@ -232,7 +241,7 @@ def read_sidecar(path: Path) -> dict:
     raw = path.read_bytes()
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SidecarError(f"not valid JSON ({exc})") from None
     return check_document(data)
 
@@ -429,9 +438,14 @@ class SnapshotStore:
         with self._cv:
             self._closing = True
             self._cv.notify()
+        hung = False
         if self._thread is not None:
             self._thread.join(15.0)
+            hung = self._thread.is_alive()  # a hanging disk must not hang Blender's quit
         self._thread = None
+        if hung:
+            self._engine.logger.error("sidecar writer hangs; skipping the final write")
+            return
         if empty:
             for path in [self.path, *self._after_write]:
                 try:
@@ -514,7 +528,11 @@ class SnapshotStore:
             body = ",\n".join(cache[i] for i in self._order)
             payload = f'{header[:-1]},"jobs":[\n{body}\n]}}\n'.encode("utf-8")
             started = time.perf_counter()
-            self._write(self.path, payload)
+            try:
+                self._write(self.path, payload)
+            except FileNotFoundError:  # the folder was deleted or not yet mounted
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._write(self.path, payload)
             self.last_write_s = time.perf_counter() - started
             self.last_size = len(payload)
         except Exception as exc:  # disk full, read-only, permission: report and retry later
