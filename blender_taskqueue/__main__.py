@@ -52,7 +52,7 @@ def demo(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None, help="keep the queue here")
     args = parser.parse_args(argv)
 
-    from .jobs import demo as _demo_kinds  # noqa: F401  (registers demo.* kinds)
+    from .jobs.demo import DEMO_BATCH  # importing registers the demo.* kinds
 
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="taskqueue-demo-"))
     engine = Engine(
@@ -60,22 +60,7 @@ def demo(argv: Optional[list[str]] = None) -> int:
                      console_log=False)
     )
     engine.start()
-    ids = engine.submit_many(
-        [
-            {"kind": "demo.render", "label": "Hero shot", "params": {"frames": 24}, "priority": "high"},
-            {"kind": "demo.generate", "label": "Texture: rusty metal",
-             "params": {"prompt": "rusty metal, 4k, seamless"}},
-            {"kind": "demo.generate", "label": "Flaky backend (retries)",
-             "params": {"prompt": "a teapot", "fail_attempts": 1, "steps": 10}, "max_retries": 2},
-            {"kind": "demo.render", "label": "Broken scene", "params": {"frames": 10, "fail_at_frame": 4}},
-            {"kind": "demo.render", "label": "Too slow (timeout)",
-             "params": {"frames": 50, "seconds_per_frame": 0.2}, "timeout": 2.0},
-            {"kind": "demo.render", "label": "Cancelled turntable", "params": {"frames": 40}, "priority": "low"},
-            {"kind": "demo.generate", "label": "Concept: castle",
-             "params": {"prompt": "castle on a cliff", "steps": 15}, "priority": "urgent"},
-            {"kind": "demo.render", "label": "Preview (low)", "params": {"frames": 8}, "priority": 9},
-        ]
-    )
+    ids = engine.submit_many(DEMO_BATCH)
     cancel_id = ids[5]
     engine.move(ids[7], "top")  # within its band: still runs last, by priority
     tty = sys.stdout.isatty()

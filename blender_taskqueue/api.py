@@ -35,6 +35,11 @@ def engine() -> Engine:
         return state.engine
 
 
+def shared_engine_or_none() -> Optional[Engine]:
+    """The shared engine if one exists; never creates one."""
+    return shared().engine
+
+
 def set_engine(new: Optional[Engine]) -> Optional[Engine]:
     """Make ``new`` the shared engine (None forgets it). Returns the previous one."""
     state = shared()

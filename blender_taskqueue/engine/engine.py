@@ -33,6 +33,7 @@ from .errors import (
     InvalidStateError,
     JobCancelled,
     JobNotFound,
+    NotPermitted,
     QueueFull,
     UnknownKind,
 )
@@ -148,6 +149,8 @@ class Engine:
         self._events = EventQueue()
         self._main_calls = MainCallQueue()
         self.main_tick: Optional[Callable[[], Any]] = None  # set by the Blender pump
+        # Set by the host (Blender): a reason to refuse a kind at submit, or None.
+        self.submit_check: Optional[Callable[[KindSpec], Optional[str]]] = None
 
         self._workers: set[threading.Thread] = set()
         self._watchdog: Optional[threading.Thread] = None
@@ -407,6 +410,11 @@ class Engine:
         if not isinstance(kind, str):
             raise TypeError(f"kind must be a kind name (str), got {kind!r}")
         spec = PYTHON_CALL_SPEC if kind == PYTHON_CALL else self._registry.get(kind)
+        check = self.submit_check
+        if check is not None:
+            refusal = check(spec)
+            if refusal:
+                raise NotPermitted(refusal)
         json_params = spec.validate_params(params)
         prio = parse_priority(priority)
         if label is not None and not isinstance(label, str):

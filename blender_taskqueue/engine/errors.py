@@ -36,3 +36,8 @@ class JobNotFound(TaskQueueError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0]) if self.args else "job not found"
+
+
+class NotPermitted(TaskQueueError, PermissionError):
+    """The host refuses the job, e.g. a kind that goes online while Blender's
+    "Allow Online Access" is off."""

@@ -52,3 +52,22 @@ def generate(ctx: JobContext, params: DemoGenerate) -> dict:
     out = ctx.workdir / "image.txt"
     out.write_text(f"(an image of {params.prompt})\n", encoding="utf-8")
     return {"image": str(out), "steps": params.steps}
+
+
+# A mixed batch: priorities, a failure with a traceback, a timeout, a flaky backend
+# that succeeds on retry, and a long job to cancel (index 5). Used by the demo and
+# by the panel's "Add Demo Jobs" button.
+DEMO_BATCH: list[dict] = [
+    {"kind": "demo.render", "label": "Hero shot", "params": {"frames": 24}, "priority": "high"},
+    {"kind": "demo.generate", "label": "Texture: rusty metal",
+     "params": {"prompt": "rusty metal, 4k, seamless"}},
+    {"kind": "demo.generate", "label": "Flaky backend (retries)",
+     "params": {"prompt": "a teapot", "fail_attempts": 1, "steps": 10}, "max_retries": 2},
+    {"kind": "demo.render", "label": "Broken scene", "params": {"frames": 10, "fail_at_frame": 4}},
+    {"kind": "demo.render", "label": "Too slow (timeout)",
+     "params": {"frames": 50, "seconds_per_frame": 0.2}, "timeout": 2.0},
+    {"kind": "demo.render", "label": "Turntable", "params": {"frames": 40}, "priority": "low"},
+    {"kind": "demo.generate", "label": "Concept: castle",
+     "params": {"prompt": "castle on a cliff", "steps": 15}, "priority": "urgent"},
+    {"kind": "demo.render", "label": "Preview (low)", "params": {"frames": 8}, "priority": 9},
+]

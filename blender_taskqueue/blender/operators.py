@@ -1,0 +1,348 @@
+"""Operators of the panel: each acts on one job (``job_id``, default: the selected one)
+or on the queue, and answers bad input with a report that names the problem."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import bpy
+
+from .. import api
+from ..engine import JobInfo, TaskQueueError
+from . import runtime
+
+
+def _engine_or_report(op: bpy.types.Operator) -> Any:
+    engine = api.shared_engine_or_none()
+    if engine is None:
+        op.report({"ERROR"}, "Task Queue is not running (enable the add-on)")
+    return engine
+
+
+def _job_or_report(op: Any) -> Optional[JobInfo]:
+    """The job named by ``op.job_id`` or the selected one, as the engine has it now."""
+    engine = _engine_or_report(op)
+    if engine is None:
+        return None
+    job_id = op.job_id or runtime.selected_job_id()
+    if not job_id:
+        op.report({"ERROR"}, "No job selected")
+        return None
+    try:
+        return engine.get(job_id)
+    except KeyError as exc:
+        op.report({"ERROR"}, str(exc))
+        return None
+
+
+class _JobOperator:
+    """Mixin: a ``job_id`` property (Blender collects annotations from mixins)."""
+
+    job_id: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Job", description="Job id (empty: the selected job)", options={"SKIP_SAVE"},
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return api.shared_engine_or_none() is not None
+
+
+def _run(op: bpy.types.Operator, fn: Any, *args: Any) -> Any:
+    """Call the engine; a TaskQueueError / ValueError becomes an error report."""
+    try:
+        return fn(*args)
+    except (TaskQueueError, ValueError, TypeError, KeyError) as exc:
+        op.report({"ERROR"}, str(exc))
+        return None
+
+
+class TASKQUEUE_OT_cancel(_JobOperator, bpy.types.Operator):
+    """Cancel the job: a queued one at once, a running one as soon as it stops"""
+
+    bl_idname = "taskqueue.cancel"
+    bl_label = "Cancel Job"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        done = _run(self, runtime.engine().cancel, info.id)
+        if done is None:
+            return {"CANCELLED"}
+        if not done:
+            self.report({"WARNING"}, f"'{info.label}' had already finished")
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_retry(_JobOperator, bpy.types.Operator):
+    """Queue the finished job again, as a new job with the same settings"""
+
+    bl_idname = "taskqueue.retry"
+    bl_label = "Retry Job"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        new_id = _run(self, runtime.engine().retry, info.id)
+        if new_id is None:
+            return {"CANCELLED"}
+        runtime.select(new_id)
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_retry_with_changes(_JobOperator, bpy.types.Operator):
+    """Queue the finished job again with changed parameters (edited as JSON)"""
+
+    bl_idname = "taskqueue.retry_with_changes"
+    bl_label = "Retry with Changes"
+
+    params_json: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Parameters", description="The changed parameters, as JSON", options={"SKIP_SAVE"},
+    )
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        self.job_id = info.id
+        self.params_json = json.dumps(dict(info.params))
+        return context.window_manager.invoke_props_dialog(self, width=500)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        try:
+            params = json.loads(self.params_json) if self.params_json.strip() else {}
+        except ValueError as exc:
+            self.report({"ERROR"}, f"Parameters are not valid JSON: {exc}")
+            return {"CANCELLED"}
+        if not isinstance(params, dict):
+            self.report({"ERROR"}, "Parameters must be a JSON object, e.g. {\"frames\": 24}")
+            return {"CANCELLED"}
+        new_id = _run(self, runtime.engine().retry, info.id, params)
+        if new_id is None:
+            return {"CANCELLED"}
+        runtime.select(new_id)
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_move(_JobOperator, bpy.types.Operator):
+    """Move the queued job within its priority"""
+
+    bl_idname = "taskqueue.move"
+    bl_label = "Move Job"
+
+    where: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        name="Where",
+        items=[
+            ("top", "Top", "First in its priority"),
+            ("up", "Up", "One place earlier"),
+            ("down", "Down", "One place later"),
+            ("bottom", "Bottom", "Last in its priority"),
+        ],
+        default="up",
+    )
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        if _run(self, runtime.engine().move, info.id, self.where) is None:
+            return {"CANCELLED"}
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_release(_JobOperator, bpy.types.Operator):
+    """Let held jobs run (the given one, or every held job)"""
+
+    bl_idname = "taskqueue.release"
+    bl_label = "Release Held Jobs"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        count = _run(self, engine.release, self.job_id or None)
+        if count is None:
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Released {count} job(s)")
+        runtime.dismiss_recovery()
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_discard_held(bpy.types.Operator):
+    """Cancel every held job (e.g. jobs restored from a file you do not want to run)"""
+
+    bl_idname = "taskqueue.discard_held"
+    bl_label = "Discard Held Jobs"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        held = [i.id for i in engine.jobs(["queued"]) if i.held]
+        for job_id in held:
+            engine.cancel(job_id)
+        self.report({"INFO"}, f"Discarded {len(held)} held job(s)")
+        runtime.dismiss_recovery()
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_dismiss_notice(bpy.types.Operator):
+    """Hide the recovery notice"""
+
+    bl_idname = "taskqueue.dismiss_notice"
+    bl_label = "Dismiss"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        runtime.dismiss_recovery()
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_clear_finished(bpy.types.Operator):
+    """Remove finished jobs from the list"""
+
+    bl_idname = "taskqueue.clear_finished"
+    bl_label = "Clear Finished"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        count = engine.clear_finished()
+        self.report({"INFO"}, f"Cleared {count} finished job(s)")
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_pause(bpy.types.Operator):
+    """Start no new jobs; running jobs go on"""
+
+    bl_idname = "taskqueue.pause"
+    bl_label = "Pause Queue"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        engine.pause()
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_resume(bpy.types.Operator):
+    """Start queued jobs again"""
+
+    bl_idname = "taskqueue.resume"
+    bl_label = "Resume Queue"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        engine.resume()
+        runtime.poke()
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_show_traceback(_JobOperator, bpy.types.Operator):
+    """Show the full traceback of the job's error, and copy it to the clipboard"""
+
+    bl_idname = "taskqueue.show_traceback"
+    bl_label = "Show Traceback"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        if not info.errors:
+            self.report({"WARNING"}, f"'{info.label}' has no error")
+            return {"CANCELLED"}
+        text = _traceback_text(info)
+        context.window_manager.clipboard = text
+        lines = text.splitlines()
+
+        def draw(menu: Any, _context: Any) -> None:
+            for line in lines[-40:]:
+                menu.layout.label(text=line.replace("\t", "    "))
+
+        if context.window is not None:
+            context.window_manager.popup_menu(draw, title=f"{info.label}: traceback (copied)", icon="ERROR")
+        self.report({"INFO"}, "Traceback copied to the clipboard")
+        return {"FINISHED"}
+
+
+def _traceback_text(info: JobInfo) -> str:
+    parts = []
+    for err in info.errors:
+        head = f"Attempt {err.attempt}: {err.type}: {err.message}"
+        if err.stage:
+            head += f" (stage: {err.stage})"
+        parts.append(head + ("\n" + err.traceback.rstrip() if err.traceback else ""))
+    return f"Job {info.id} ({info.kind}) '{info.label}'\n\n" + "\n\n".join(parts) + "\n"
+
+
+class TASKQUEUE_OT_notify(bpy.types.Operator):
+    """Report a message in the status bar (used by the pump; never blocks)"""
+
+    bl_idname = "taskqueue.notify"
+    bl_label = "Task Queue Notification"
+    bl_options = {"INTERNAL"}
+
+    message: bpy.props.StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    level: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        items=[("INFO", "Info", ""), ("WARNING", "Warning", ""), ("ERROR", "Error", "")],
+        default="INFO", options={"SKIP_SAVE"},
+    )
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        self.report({self.level}, self.message)
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_submit_demo(bpy.types.Operator):
+    """Queue a few demo jobs (renders, generation calls, one that fails) to try the queue"""
+
+    bl_idname = "taskqueue.submit_demo"
+    bl_label = "Add Demo Jobs"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        from ..jobs.demo import DEMO_BATCH
+
+        ids = _run(self, engine.submit_many, DEMO_BATCH)
+        if ids is None:
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Queued {len(ids)} demo jobs")
+        runtime.poke()
+        return {"FINISHED"}
+
+
+classes = (
+    TASKQUEUE_OT_cancel,
+    TASKQUEUE_OT_retry,
+    TASKQUEUE_OT_retry_with_changes,
+    TASKQUEUE_OT_move,
+    TASKQUEUE_OT_release,
+    TASKQUEUE_OT_discard_held,
+    TASKQUEUE_OT_dismiss_notice,
+    TASKQUEUE_OT_clear_finished,
+    TASKQUEUE_OT_pause,
+    TASKQUEUE_OT_resume,
+    TASKQUEUE_OT_show_traceback,
+    TASKQUEUE_OT_notify,
+    TASKQUEUE_OT_submit_demo,
+)
+register, unregister = bpy.utils.register_classes_factory(classes)

@@ -1,0 +1,294 @@
+"""The sidebar tab "Task Queue": counts, the job list, and the selected job's details.
+
+Drawing reads only the pump's mirror (plain Python, refreshed on the main thread),
+never the engine's lock, so a busy queue cannot slow a redraw.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from typing import Any, Optional
+
+import bpy
+
+from ..engine import JobInfo, JobState
+from . import runtime
+
+_S = JobState
+STATE_ICONS = {
+    _S.SUBMITTED: "TIME",
+    _S.QUEUED: "SORTTIME",
+    _S.DISPATCHED: "PLAY",
+    _S.RUNNING: "PLAY",
+    _S.COMPLETED: "CHECKMARK",
+    _S.FAILED: "ERROR",
+    _S.CANCELLED: "CANCEL",
+    _S.INTERRUPTED: "UNLINKED",
+}
+FILTERS = {
+    "ALL": None,
+    "ACTIVE": {_S.SUBMITTED, _S.QUEUED, _S.DISPATCHED, _S.RUNNING},
+    "RUNNING": {_S.DISPATCHED, _S.RUNNING},
+    "QUEUED": {_S.SUBMITTED, _S.QUEUED},
+    "FAILED": {_S.FAILED, _S.INTERRUPTED},
+    "FINISHED": {_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.INTERRUPTED},
+}
+NOTICE_SECONDS = 30.0
+
+
+def state_icon(info: JobInfo) -> str:
+    if info.held:
+        return "PAUSE"
+    return STATE_ICONS[info.state]
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None or seconds <= 0:
+        return ""
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+
+
+def progress_text(info: JobInfo) -> str:
+    """What the row's progress bar says: the stage, or the percentage, and the ETA."""
+    if info.held:
+        return "held"
+    if info.state is _S.QUEUED:
+        return "waiting for memory" if (info.message or "").startswith("waiting for memory") else "queued"
+    if info.cancel_pending:
+        return "cancelling…"
+    if info.state.is_terminal:
+        return info.state.value
+    parts = [info.stage or f"{info.progress * 100:.0f}%"]
+    eta = format_eta(info.eta_seconds)
+    if eta:
+        parts.append(eta)
+    return " · ".join(parts)
+
+
+def row_label(info: JobInfo) -> str:
+    if info.max_retries and info.attempt:
+        return f"{info.label} ({info.attempt}/{info.max_retries + 1})"
+    return info.label
+
+
+def _wrapped(layout: Any, text: str, width: int = 42, icon: str = "NONE", limit: int = 6) -> None:
+    lines = textwrap.wrap(text, width) or [""]
+    for i, line in enumerate(lines[:limit]):
+        layout.label(text=line + ("…" if i == limit - 1 and len(lines) > limit else ""),
+                     icon=icon if i == 0 else "BLANK1" if icon != "NONE" else "NONE")
+
+
+def _progress(layout: Any, info: JobInfo) -> None:
+    factor = 1.0 if info.state is _S.COMPLETED else info.progress
+    text = progress_text(info)
+    if hasattr(layout, "progress"):  # Blender 4.0+
+        layout.progress(factor=factor, type="BAR", text=text)
+    else:  # 3.4-3.6: a plain label with the percentage
+        layout.label(text=f"{factor * 100:3.0f}% {text}")
+
+
+class TASKQUEUE_UL_jobs(bpy.types.UIList):
+    """The job list: state icon, label (attempt n/m), progress bar with stage and ETA."""
+
+    def draw_item(self, context: Any, layout: Any, data: Any, item: Any, icon: Any,
+                  active_data: Any, active_propname: str, index: int = 0, flt_flag: int = 0) -> None:
+        pump = runtime.pump()
+        info = pump.mirror.info(item.job_id) if pump is not None else None
+        if info is None:
+            layout.label(text=item.name or item.job_id, icon="QUESTION")
+            return
+        split = layout.split(factor=0.5, align=True)
+        left = split.row(align=True)
+        left.alert = info.state in (_S.FAILED, _S.INTERRUPTED)
+        left.label(text=row_label(info), icon=state_icon(info))
+        right = split.row(align=True)
+        right.alert = left.alert
+        _progress(right, info)
+
+    def filter_items(self, context: Any, data: Any, propname: str) -> tuple[list[int], list[int]]:
+        rows = getattr(data, propname)
+        pump = runtime.pump()
+        wanted = FILTERS.get(data.filter_state)
+        needle = self.filter_name.lower()
+        flags = []
+        for row in rows:
+            info = pump.mirror.info(row.job_id) if pump is not None else None
+            show = info is not None and (wanted is None or info.state in wanted)
+            if show and needle:
+                show = needle in info.label.lower() or needle in info.kind.lower()
+            flags.append(self.bitflag_filter_item if show else 0)
+        return flags, []
+
+
+class VIEW3D_PT_taskqueue(bpy.types.Panel):
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Task Queue"
+    bl_label = "Task Queue"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        pump = runtime.pump()
+        if pump is None:
+            layout.label(text="The queue is not running", icon="ERROR")
+            return
+        mirror = pump.mirror
+        stats = mirror.stats
+        state = context.window_manager.taskqueue
+        if stats is not None:
+            self._draw_counts(layout, stats)
+        if mirror.recovery is not None:
+            self._draw_recovery(layout, mirror.recovery, stats)
+        now = time.time()
+        for at, level, message in list(mirror.notices)[-2:]:
+            if now - at < NOTICE_SECONDS and level in ("warning", "error"):
+                box = layout.box()
+                box.alert = True
+                _wrapped(box, message, icon="ERROR", limit=3)
+        if not mirror.order:
+            box = layout.box()
+            box.label(text="No jobs yet", icon="INFO")
+            box.label(text="From the Python console:")
+            box.label(text="import blender_taskqueue as tq")
+            box.operator("taskqueue.submit_demo", icon="ADD")
+            return
+        row = layout.row(align=True)
+        row.prop(state, "filter_state", text="")
+        row = layout.row()
+        row.template_list("TASKQUEUE_UL_jobs", "", state, "jobs", state, "active_index", rows=8)
+        side = row.column(align=True)
+        side.operator("taskqueue.move", text="", icon="TRIA_UP_BAR").where = "top"
+        side.operator("taskqueue.move", text="", icon="TRIA_UP").where = "up"
+        side.operator("taskqueue.move", text="", icon="TRIA_DOWN").where = "down"
+        side.operator("taskqueue.move", text="", icon="TRIA_DOWN_BAR").where = "bottom"
+        side.separator()
+        side.operator("taskqueue.cancel", text="", icon="X")
+        side.operator("taskqueue.retry", text="", icon="FILE_REFRESH")
+        row = layout.row(align=True)
+        if stats is not None and stats.held:
+            row.operator("taskqueue.release", text=f"Release {stats.held} Held", icon="PLAY")
+        row.operator("taskqueue.clear_finished", text="Clear Finished", icon="TRASH")
+
+    @staticmethod
+    def _draw_counts(layout: Any, stats: Any) -> None:
+        col = layout.column(align=True)
+        row = col.row(align=True)
+        row.label(text=f"Running {stats.running}/{stats.max_workers}", icon="PLAY")
+        waiting = stats.queued - stats.held
+        row.label(text=f"Queued {waiting}" + (f" +{stats.held} held" if stats.held else ""),
+                  icon="SORTTIME")
+        row = col.row(align=True)
+        row.label(text=f"Done {stats.completed}", icon="CHECKMARK")
+        failed = stats.failed + stats.interrupted
+        sub = row.row(align=True)
+        sub.alert = failed > 0
+        sub.label(text=f"Failed {failed}", icon="ERROR")
+        row = col.row(align=True)
+        row.label(text=f"{stats.available_memory_mb / 1024:.1f} GB free", icon="MEMORY")
+        if stats.paused:
+            sub = row.row(align=True)
+            sub.alert = True
+            sub.operator("taskqueue.resume", text="Paused: Resume", icon="PLAY")
+        else:
+            row.operator("taskqueue.pause", text="Pause", icon="PAUSE")
+        if stats.waiting_for_memory:
+            col.label(text="Waiting for free memory", icon="SORTTIME")
+        if stats.write_error:
+            box = col.box()
+            box.alert = True
+            _wrapped(box, f"Cannot save the queue: {stats.write_error}", icon="ERROR", limit=3)
+
+    @staticmethod
+    def _draw_recovery(layout: Any, recovery: Any, stats: Any) -> None:
+        box = layout.box()
+        _wrapped(box, recovery.summary[0].upper() + recovery.summary[1:], icon="RECOVER_LAST", limit=5)
+        row = box.row(align=True)
+        if stats is not None and stats.held:
+            row.operator("taskqueue.release", text="Resume", icon="PLAY")
+            row.operator("taskqueue.discard_held", text="Discard", icon="TRASH")
+        row.operator("taskqueue.dismiss_notice", text="OK", icon="CHECKMARK")
+
+
+class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Task Queue"
+    bl_label = "Selected Job"
+    bl_parent_id = "VIEW3D_PT_taskqueue"
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return runtime.pump() is not None and bool(runtime.selected_job_id())
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        pump = runtime.pump()
+        info = pump.mirror.info(runtime.selected_job_id()) if pump is not None else None
+        if info is None:
+            layout.label(text="The job left the history")
+            return
+        col = layout.column(align=True)
+        col.label(text=info.label, icon=state_icon(info))
+        col.label(text=f"{info.state.value.title()}" + (" (held)" if info.held else "")
+                  + (", cancelling" if info.cancel_pending else ""))
+        col.label(text=f"{info.kind} · {info.id} · priority {info.priority}")
+        attempts = f"attempt {info.attempt} of {info.max_retries + 1}" if info.attempt else "not started"
+        col.label(text=attempts + (f" · timeout {info.timeout:g} s" if info.timeout else ""))
+        if info.started_at:
+            end = info.finished_at or time.time()
+            col.label(text=f"Ran {format_eta(end - info.started_at) or '0s'}")
+        if not info.state.is_terminal and info.state is not _S.QUEUED:
+            _progress(layout, info)
+        if info.message:
+            _wrapped(layout.column(align=True), info.message, icon="INFO", limit=4)
+        if info.params:
+            box = layout.box()
+            box.label(text="Parameters")
+            pcol = box.column(align=True)
+            for key, value in list(info.params.items())[:10]:
+                pcol.label(text=f"{key}: {value}"[:80])
+        if info.error is not None:
+            box = layout.box()
+            box.alert = True
+            err = info.error
+            _wrapped(box, f"{err.type}: {err.message}", icon="ERROR", limit=5)
+            if err.stage:
+                box.label(text=f"Stage: {err.stage}")
+            if len(info.errors) > 1:
+                box.label(text=f"{len(info.errors)} attempts failed")
+            box.operator("taskqueue.show_traceback", icon="TEXT").job_id = info.id
+        if info.result is not None:
+            box = layout.box()
+            box.label(text="Result", icon="CHECKMARK")
+            _result_lines(box, info.result)
+        elif info.partial_result:
+            box = layout.box()
+            box.label(text="Partial result", icon="CHECKMARK")
+            _result_lines(box, info.partial_result)
+        row = layout.row(align=True)
+        if info.state.is_terminal:
+            row.operator("taskqueue.retry", icon="FILE_REFRESH").job_id = info.id
+            row.operator("taskqueue.retry_with_changes", text="With Changes…").job_id = info.id
+        else:
+            row.operator("taskqueue.cancel", icon="X").job_id = info.id
+            if info.held:
+                row.operator("taskqueue.release", text="Release", icon="PLAY").job_id = info.id
+
+
+def _result_lines(layout: Any, result: Any) -> None:
+    col = layout.column(align=True)
+    if isinstance(result, dict):
+        for key, value in list(result.items())[:8]:
+            col.label(text=f"{key}: {value}"[:80])
+    else:
+        _wrapped(col, repr(result), limit=4)
+
+
+classes = (TASKQUEUE_UL_jobs, VIEW3D_PT_taskqueue, VIEW3D_PT_taskqueue_details)
+register, unregister = bpy.utils.register_classes_factory(classes)

@@ -1,0 +1,224 @@
+"""The main-thread pump: one persistent ``bpy.app.timers`` function.
+
+Each tick drains the engine's events into a plain-Python mirror the panel
+draws from, re-reads the order only when the engine says it changed, runs
+queued main-thread calls (``ctx.call_on_main``, completion callbacks) within a
+time budget, reports finished jobs in the status bar, and tags a redraw of the
+3D view's sidebar regions only when something changed. 10 Hz while anything is
+active, 2 Hz when idle. Worker threads never touch bpy: they only fill the
+engine's queues, which this drains.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import traceback
+from typing import Any, Optional
+
+import bpy
+
+from ..engine import Engine, EngineStats, JobInfo, JobState
+from ..engine.events import RESYNC
+from ..engine.models import Recovery
+
+ACTIVE_INTERVAL_S = 0.1
+IDLE_INTERVAL_S = 0.5
+MAIN_CALL_BUDGET_S = 0.008  # of a 100 ms tick: Blender keeps 92% of the main thread
+MAX_ROWS = 2000  # the list shows the first rows in display order; the header counts all
+STATS_EVERY_S = 0.5
+
+
+class Mirror:
+    """What the panel draws, refreshed by the pump on the main thread only."""
+
+    def __init__(self) -> None:
+        self.infos: dict[str, JobInfo] = {}
+        self.order: list[str] = []
+        self.stats: Optional[EngineStats] = None
+        self.notices: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=20)
+        self.recovery: Optional[Recovery] = None  # shown until dismissed
+        self.selected_id: str = ""
+        self.version = 0
+
+    def info(self, job_id: str) -> Optional[JobInfo]:
+        return self.infos.get(job_id)
+
+    def selected(self) -> Optional[JobInfo]:
+        return self.infos.get(self.selected_id)
+
+
+class Pump:
+    """Owns the mirror and the timer for one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.mirror = Mirror()
+        self.online_access = True
+        self._order_version = -1
+        self._stats_at = 0.0
+        self._shadow: list[str] = []  # job ids in the WindowManager rows, as last written
+        self._timer_registered = False
+        self.ticks = 0
+        self.tick_times: collections.deque[float] = collections.deque(maxlen=2000)
+
+    # ---- the timer
+
+    def start(self) -> None:
+        if not bpy.app.timers.is_registered(self._timer):
+            bpy.app.timers.register(self._timer, first_interval=ACTIVE_INTERVAL_S, persistent=True)
+        self._timer_registered = True
+        if self.engine.recovery is not None:
+            self.mirror.recovery = self.engine.recovery
+
+    def stop(self) -> None:
+        if bpy.app.timers.is_registered(self._timer):
+            bpy.app.timers.unregister(self._timer)
+        self._timer_registered = False
+
+    def _timer(self) -> Optional[float]:
+        try:
+            return self.tick()
+        except Exception:  # a timer that raises is dropped by Blender: never let it
+            traceback.print_exc()
+            return IDLE_INTERVAL_S
+
+    def tick(self) -> float:
+        """One pump tick; returns the delay until the next one."""
+        started = time.perf_counter()
+        engine = self.engine
+        mirror = self.mirror
+        self.online_access = bool(getattr(bpy.app, "online_access", True))
+        changed = False
+        finished: list[JobInfo] = []
+        resync = False
+        for event in engine.drain_events():
+            if event.info is not None:
+                previous = mirror.infos.get(event.info.id)
+                mirror.infos[event.info.id] = event.info
+                changed = True
+                if (
+                    event.type == "state"
+                    and event.info.state.is_terminal
+                    and (previous is None or not previous.state.is_terminal)
+                ):
+                    finished.append(event.info)
+            if event.type == "notice":
+                if event.level == RESYNC:
+                    resync = True
+                elif event.message:
+                    mirror.notices.append((time.time(), event.level, event.message))
+                    changed = True
+        if resync or engine.order_version != self._order_version:
+            self._order_version = engine.order_version
+            infos = engine.jobs()
+            mirror.infos = {i.id: i for i in infos}
+            mirror.order = [i.id for i in infos[:MAX_ROWS]]
+            changed = True
+        engine.run_main_calls(MAIN_CALL_BUDGET_S)
+        now = time.monotonic()
+        if changed or now - self._stats_at >= STATS_EVERY_S or mirror.stats is None:
+            mirror.stats = engine.stats()
+            self._stats_at = now
+            changed = True
+        if changed:
+            mirror.version += 1
+            self._sync_rows()
+            self._tag_redraw()
+        if finished:
+            self._notify(finished)
+        self.ticks += 1
+        self.tick_times.append(time.perf_counter() - started)
+        stats = mirror.stats
+        busy = stats is not None and (stats.running or (stats.queued - stats.held and not stats.paused))
+        return ACTIVE_INTERVAL_S if busy or engine.pending_main_calls else IDLE_INTERVAL_S
+
+    # ---- the WindowManager rows
+
+    def _sync_rows(self) -> None:
+        wm = bpy.context.window_manager
+        if wm is None:
+            return
+        state = wm.taskqueue
+        rows = state.jobs
+        order = self.mirror.order
+        mirror = self.mirror
+        # Keep the selection on the same job when the order changes.
+        index = state.active_index
+        if 0 <= index < len(self._shadow):
+            mirror.selected_id = self._shadow[index]
+        shadow = self._shadow
+        while len(rows) > len(order):
+            rows.remove(len(rows) - 1)
+            shadow.pop()
+        while len(rows) < len(order):
+            rows.add()
+            shadow.append("")
+        for i, job_id in enumerate(order):
+            if shadow[i] != job_id:
+                row = rows[i]
+                row.job_id = job_id
+                info = mirror.infos.get(job_id)
+                row.name = info.label if info else job_id
+                shadow[i] = job_id
+        if mirror.selected_id:
+            try:
+                wanted = order.index(mirror.selected_id)
+            except ValueError:
+                wanted = -1
+            if wanted != state.active_index:
+                state.active_index = wanted
+
+    def clear_rows(self) -> None:
+        wm = bpy.context.window_manager
+        if wm is not None and hasattr(wm, "taskqueue"):
+            wm.taskqueue.jobs.clear()
+        self._shadow.clear()
+
+    # ---- redraw and notifications
+
+    @staticmethod
+    def _tag_redraw() -> None:
+        wm = bpy.context.window_manager
+        if wm is None:
+            return
+        for window in wm.windows:
+            screen = window.screen
+            if screen is None:
+                continue
+            for area in screen.areas:
+                if area.type != "VIEW_3D":
+                    continue
+                for region in area.regions:
+                    if region.type == "UI":
+                        region.tag_redraw()
+
+    def _notify(self, finished: list[JobInfo]) -> None:
+        """One non-blocking status-bar report per tick, never a popup."""
+        failed = [i for i in finished if i.state in (JobState.FAILED, JobState.INTERRUPTED)]
+        done = [i for i in finished if i.state is JobState.COMPLETED]
+        if failed:
+            first = failed[0]
+            why = f": {first.error.type}: {first.error.message}" if first.error else ""
+            more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+            message, level = f"Task Queue: '{first.label}' {first.state.value}{why}{more}", "WARNING"
+        elif done:
+            more = f" (+{len(done) - 1} more)" if len(done) > 1 else ""
+            message, level = f"Task Queue: '{done[0].label}' completed{more}", "INFO"
+        else:
+            return
+        self.mirror.notices.append((time.time(), level.lower(), message))
+        try:
+            bpy.ops.taskqueue.notify(message=message[:500], level=level)
+        except Exception:  # no window to report into (background mode): the mirror has it
+            pass
+
+    def tick_stats_ms(self) -> dict[str, Any]:
+        samples = sorted(self.tick_times)
+        if not samples:
+            return {"ticks": 0}
+
+        def pct(q: float) -> float:
+            return samples[min(len(samples) - 1, int(q / 100 * len(samples)))] * 1000
+
+        return {"ticks": len(samples), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": samples[-1] * 1000}
