@@ -52,7 +52,7 @@ def demo(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=None, help="keep the queue here")
     args = parser.parse_args(argv)
 
-    from .jobs.demo import DEMO_BATCH  # importing registers the demo.* kinds
+    from .kinds.demo import DEMO_BATCH  # importing registers the demo.* kinds
 
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="taskqueue-demo-"))
     engine = Engine(

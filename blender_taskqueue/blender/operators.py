@@ -320,7 +320,7 @@ class TASKQUEUE_OT_submit_demo(bpy.types.Operator):
         engine = _engine_or_report(self)
         if engine is None:
             return {"CANCELLED"}
-        from ..jobs.demo import DEMO_BATCH
+        from ..kinds.demo import DEMO_BATCH
 
         ids = _run(self, engine.submit_many, DEMO_BATCH)
         if ids is None:

@@ -59,6 +59,7 @@ class Pump:
         self._stats_at = 0.0
         self._shadow: list[str] = []  # job ids in the WindowManager rows, as last written
         self._timer_registered = False
+        self._since = time.time()  # jobs that finished before this pump began are history
         self.ticks = 0
         self.tick_times: collections.deque[float] = collections.deque(maxlen=2000)
 
@@ -101,6 +102,7 @@ class Pump:
                     event.type == "state"
                     and event.info.state.is_terminal
                     and (previous is None or not previous.state.is_terminal)
+                    and (event.info.finished_at or 0.0) >= self._since
                 ):
                     finished.append(event.info)
             if event.type == "notice":

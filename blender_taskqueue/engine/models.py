@@ -201,8 +201,11 @@ class Recovery(NamedTuple):
     def summary(self) -> str:
         parts = []
         if self.adopted:
+            sessions = [x for x in self.sources if x.startswith("queue-")]
+            files = [x for x in self.sources if not x.startswith("queue-")]
+            origin = ", ".join(files + ([f"{len(sessions)} earlier session(s)"] if sessions else []))
             parts.append(
-                f"recovered {self.adopted} jobs from {len(self.sources)} earlier session(s): "
+                f"recovered {self.adopted} jobs from {origin}: "
                 f"{self.requeued} queued again, {self.resumed} resumed from checkpoints, "
                 f"{self.interrupted} interrupted, {self.finished} finished kept"
                 + (f", {self.held} held for your go-ahead" if self.held else "")

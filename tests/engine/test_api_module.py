@@ -237,3 +237,13 @@ def test_public_names_are_exported():
         S.COMPLETED, S.FAILED, S.CANCELLED, S.INTERRUPTED
     }
     assert S.RUNNING == "running" and str(S.QUEUED) == "queued"
+
+
+def test_jobs_stays_callable_after_builtin_kinds_are_imported() -> None:
+    """A subpackage named like a public function would replace it on import."""
+    import blender_taskqueue as tq
+    import blender_taskqueue.kinds.demo  # noqa: F401
+
+    assert callable(tq.jobs) and callable(tq.get) and callable(tq.run)
+    for name in tq.__all__:
+        assert not isinstance(getattr(tq, name), type(tq)), f"tq.{name} is a module"
