@@ -10,7 +10,7 @@ import enum
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JobState(str, enum.Enum):
@@ -178,6 +178,11 @@ class EngineConfig(BaseModel):
     log_dir: Optional[Path] = Field(None, description="folder of the JSON log; default platformdirs")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     console_log: bool = Field(True, description="also log readable text to stderr")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
 
 class Recovery(NamedTuple):
