@@ -21,7 +21,7 @@ from . import preferences, runtime
 
 def file_is_trusted() -> bool:
     prefs = bpy.context.preferences
-    return bool(prefs.filepaths.use_scripts_auto_execute) and not bpy.app.autoexec_fail
+    return bool(prefs.filepaths.use_scripts_auto_execute) and not bpy.app.autoexec_fail  # type: ignore[union-attr]
 
 
 @persistent
@@ -31,10 +31,10 @@ def save_pre(*_args: Any) -> None:
         return
     document = json.dumps(pump.engine.export_state(), separators=(",", ":"))
     for scene in bpy.data.scenes:
-        scene.taskqueue_saved = ""
-    scene = bpy.context.scene or (bpy.data.scenes[0] if bpy.data.scenes else None)
-    if scene is not None:
-        scene.taskqueue_saved = document
+        scene.taskqueue_saved = ""  # type: ignore[attr-defined]
+    target = bpy.context.scene or (bpy.data.scenes[0] if bpy.data.scenes else None)
+    if target is not None:
+        target.taskqueue_saved = document  # type: ignore[attr-defined]
 
 
 @persistent
@@ -47,7 +47,7 @@ def load_post(*_args: Any) -> None:
     hold = not (auto and file_is_trusted())
     name = bpy.path.basename(bpy.data.filepath) or "the opened file"
     for scene in bpy.data.scenes:
-        raw = scene.taskqueue_saved
+        raw = scene.taskqueue_saved  # type: ignore[attr-defined]
         if not raw:
             continue
         try:

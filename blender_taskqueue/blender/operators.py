@@ -110,7 +110,7 @@ class TASKQUEUE_OT_retry_with_changes(_JobOperator, bpy.types.Operator):
             return {"CANCELLED"}
         self.job_id = info.id
         self.params_json = json.dumps(dict(info.params))
-        return context.window_manager.invoke_props_dialog(self, width=500)
+        return context.window_manager.invoke_props_dialog(self, width=500)  # type: ignore[union-attr, return-value]
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         info = _job_or_report(self)
@@ -269,7 +269,7 @@ class TASKQUEUE_OT_show_traceback(_JobOperator, bpy.types.Operator):
             self.report({"WARNING"}, f"'{info.label}' has no error")
             return {"CANCELLED"}
         text = _traceback_text(info)
-        context.window_manager.clipboard = text
+        context.window_manager.clipboard = text  # type: ignore[union-attr]
         lines = text.splitlines()
 
         def draw(menu: Any, _context: Any) -> None:
@@ -277,7 +277,7 @@ class TASKQUEUE_OT_show_traceback(_JobOperator, bpy.types.Operator):
                 menu.layout.label(text=line.replace("\t", "    "))
 
         if context.window is not None:
-            context.window_manager.popup_menu(draw, title=f"{info.label}: traceback (copied)", icon="ERROR")
+            context.window_manager.popup_menu(draw, title=f"{info.label}: traceback (copied)", icon="ERROR")  # type: ignore[union-attr]
         self.report({"INFO"}, "Traceback copied to the clipboard")
         return {"FINISHED"}
 
@@ -345,4 +345,4 @@ classes = (
     TASKQUEUE_OT_notify,
     TASKQUEUE_OT_submit_demo,
 )
-register, unregister = bpy.utils.register_classes_factory(classes)
+register, unregister = bpy.utils.register_classes_factory(classes)  # type: ignore[func-returns-value, misc]

@@ -97,7 +97,8 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
     """The job list: state icon, label (attempt n/m), progress bar with stage and ETA."""
 
     def draw_item(self, context: Any, layout: Any, data: Any, item: Any, icon: Any,
-                  active_data: Any, active_propname: str, index: int = 0, flt_flag: int = 0) -> None:
+                  active_data: Any, active_propname: Optional[str], index: Optional[int] = 0,
+                  flt_flag: Optional[int] = 0) -> None:
         pump = runtime.pump()
         info = pump.mirror.info(item.job_id) if pump is not None else None
         if info is None:
@@ -111,7 +112,7 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         right.alert = left.alert
         _progress(right, info)
 
-    def filter_items(self, context: Any, data: Any, propname: str) -> tuple[list[int], list[int]]:
+    def filter_items(self, context: Any, data: Any, propname: str) -> tuple[list[int], list[int]]:  # type: ignore[override]
         rows = getattr(data, propname)
         pump = runtime.pump()
         wanted = FILTERS.get(data.filter_state)
@@ -120,7 +121,7 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         for row in rows:
             info = pump.mirror.info(row.job_id) if pump is not None else None
             show = info is not None and (wanted is None or info.state in wanted)
-            if show and needle:
+            if show and needle and info is not None:
                 show = needle in info.label.lower() or needle in info.kind.lower()
             flags.append(self.bitflag_filter_item if show else 0)
         return flags, []
@@ -133,7 +134,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
     bl_label = "Task Queue"
 
     def draw(self, context: Any) -> None:
-        layout = self.layout
+        layout: Any = self.layout
         pump = runtime.pump()
         if pump is None:
             layout.label(text="The queue is not running", icon="ERROR")
@@ -227,7 +228,7 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
         return runtime.pump() is not None and bool(runtime.selected_job_id())
 
     def draw(self, context: Any) -> None:
-        layout = self.layout
+        layout: Any = self.layout
         pump = runtime.pump()
         info = pump.mirror.info(runtime.selected_job_id()) if pump is not None else None
         if info is None:
@@ -291,4 +292,4 @@ def _result_lines(layout: Any, result: Any) -> None:
 
 
 classes = (TASKQUEUE_UL_jobs, VIEW3D_PT_taskqueue, VIEW3D_PT_taskqueue_details)
-register, unregister = bpy.utils.register_classes_factory(classes)
+register, unregister = bpy.utils.register_classes_factory(classes)  # type: ignore[func-returns-value, misc]

@@ -25,7 +25,7 @@ def default_state_dir() -> Path:
 
 def preferences(context: Optional[Any] = None) -> Optional["TASKQUEUE_AddonPreferences"]:
     ctx = context or bpy.context
-    addon = ctx.preferences.addons.get(BASE_PACKAGE)
+    addon = ctx.preferences.addons.get(BASE_PACKAGE)  # type: ignore[union-attr]
     return addon.preferences if addon is not None else None  # type: ignore[return-value]
 
 
@@ -122,4 +122,4 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
 
 
 classes = (TASKQUEUE_AddonPreferences,)
-register, unregister = bpy.utils.register_classes_factory(classes)
+register, unregister = bpy.utils.register_classes_factory(classes)  # type: ignore[func-returns-value, misc]

@@ -8,6 +8,8 @@ Scene gets the queue only when the file is saved.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import bpy
 
 STATE_FILTERS = [
@@ -35,13 +37,15 @@ class TASKQUEUE_PG_state(bpy.types.PropertyGroup):
 
 
 classes = (TASKQUEUE_PG_job, TASKQUEUE_PG_state)
-_register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)
+_register_classes: Callable[[], None]
+_unregister_classes: Callable[[], None]
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(classes)  # type: ignore[func-returns-value, misc]
 
 
 def register() -> None:
     _register_classes()
-    bpy.types.WindowManager.taskqueue = bpy.props.PointerProperty(type=TASKQUEUE_PG_state)
-    bpy.types.Scene.taskqueue_saved = bpy.props.StringProperty(
+    bpy.types.WindowManager.taskqueue = bpy.props.PointerProperty(type=TASKQUEUE_PG_state)  # type: ignore[attr-defined, func-returns-value]
+    bpy.types.Scene.taskqueue_saved = bpy.props.StringProperty(  # type: ignore[attr-defined, func-returns-value]
         name="Saved Task Queue",
         description="The task queue as it was when this file was saved (JSON)",
         options={"HIDDEN"},
@@ -49,6 +53,6 @@ def register() -> None:
 
 
 def unregister() -> None:
-    del bpy.types.Scene.taskqueue_saved
-    del bpy.types.WindowManager.taskqueue
+    del bpy.types.Scene.taskqueue_saved  # type: ignore[attr-defined]
+    del bpy.types.WindowManager.taskqueue  # type: ignore[attr-defined]
     _unregister_classes()

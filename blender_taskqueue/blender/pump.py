@@ -141,7 +141,7 @@ class Pump:
         wm = bpy.context.window_manager
         if wm is None:
             return
-        state = wm.taskqueue
+        state = wm.taskqueue  # type: ignore[attr-defined]
         rows = state.jobs
         order = self.mirror.order
         mirror = self.mirror
@@ -211,7 +211,7 @@ class Pump:
             return
         self.mirror.notices.append((time.time(), level.lower(), message))
         try:
-            bpy.ops.taskqueue.notify(message=message[:500], level=level)
+            bpy.ops.taskqueue.notify(message=message[:500], level=level)  # type: ignore[attr-defined]
         except Exception:  # no window to report into (background mode): the mirror has it
             pass
 

@@ -110,7 +110,7 @@ def selected_job_id() -> str:
     if _pump is None:
         return ""
     wm = bpy.context.window_manager
-    state = wm.taskqueue
+    state = wm.taskqueue  # type: ignore[union-attr]
     rows = state.jobs
     if 0 <= state.active_index < len(rows):
         return rows[state.active_index].job_id

@@ -203,6 +203,7 @@ class Engine:
                 raise EngineClosed("this engine was shut down; create a new Engine")
             if self._started:
                 return self
+            self._log.start()
             if self._store is not None:
                 self._store.start()
                 self._adopt_locked()
@@ -271,7 +272,9 @@ class Engine:
             self._timer_cv.notify_all()
             workers = [w for w in self._workers if w is not threading.current_thread()]
             watchdog = self._watchdog
-        end = max(deadline, time.monotonic()) + 1.0
+        # Idle workers were woken and exit at once; a stuck one is not waited for
+        # past the deadline (plus a moment for the idle ones).
+        end = max(deadline, time.monotonic()) + 0.2
         for thread in workers + ([watchdog] if watchdog else []):
             thread.join(max(0.0, end - time.monotonic()))
         for info in stuck:

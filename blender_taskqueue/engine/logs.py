@@ -97,10 +97,7 @@ class EngineLog:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._std.addHandler(_PassThroughQueueHandler(self._queue))
         self._listener = logging.handlers.QueueListener(self._queue, *handlers)
-        self._listener.start()
-        thread = getattr(self._listener, "_thread", None)
-        if thread is not None:
-            thread.name = "taskqueue-log"
+        self._listening = False
         self.logger: Any = None
         self.set_level(level)
 
@@ -121,19 +118,29 @@ class EngineLog:
             logger_name="blender_taskqueue",
         ).bind()  # bind once: the lazy proxy would re-bind on every call
 
-    def flush(self) -> None:
-        """Block until every queued line is written (restarts the listener thread)."""
-        if self._listener is not None:
-            self._listener.stop()
+    def start(self) -> None:
+        """Start writing (the listener thread); lines logged before wait in the queue."""
+        if self._listener is not None and not self._listening:
             self._listener.start()
+            self._listening = True
             thread = getattr(self._listener, "_thread", None)
             if thread is not None:
                 thread.name = "taskqueue-log"
 
+    def flush(self) -> None:
+        """Block until every queued line is written (restarts the listener thread)."""
+        if self._listener is not None and self._listening:
+            self._listener.stop()
+            self._listening = False
+            self.start()
+
     def close(self) -> None:
         """Write out what is queued, stop the listener thread, release the file."""
         if self._listener is not None:
+            if not self._listening:  # never started: write what was logged, then stop
+                self.start()
             self._listener.stop()
+            self._listening = False
             self._listener = None  # type: ignore[assignment]
         for handler in list(self._std.handlers):
             self._std.removeHandler(handler)
