@@ -276,7 +276,7 @@ class TASKQUEUE_OT_show_traceback(_JobOperator, bpy.types.Operator):
             for line in lines[-40:]:
                 menu.layout.label(text=line.replace("\t", "    "))
 
-        if context.window is not None:
+        if context.window is not None and not bpy.app.background:  # no popups without a UI
             context.window_manager.popup_menu(draw, title=f"{info.label}: traceback (copied)", icon="ERROR")  # type: ignore[union-attr]
         self.report({"INFO"}, "Traceback copied to the clipboard")
         return {"FINISHED"}

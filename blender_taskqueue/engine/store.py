@@ -54,7 +54,10 @@ def _make_encoder() -> Callable[[Any], str]:
     """A compact JSON encoder built once. ``json.dumps`` builds a new encoder (and
     its C scanner) on every call, which costs more than encoding a small job."""
     try:
-        from json.encoder import c_make_encoder, encode_basestring_ascii
+        from json.encoder import (  # type: ignore[attr-defined]  # undocumented C encoder
+            c_make_encoder,
+            encode_basestring_ascii,
+        )
     except ImportError:  # pragma: no cover - pure-Python json
         c_make_encoder = None
     if c_make_encoder is None:  # pragma: no cover
