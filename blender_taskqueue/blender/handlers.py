@@ -57,6 +57,7 @@ def load_post(*_args: Any) -> None:
             continue
         if recovery.adopted:
             pump.mirror.recovery = recovery
+    pump.clear_rows()  # loading replaced the WindowManager and its rows
     pump.tick()
 
 

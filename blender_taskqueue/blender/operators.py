@@ -278,7 +278,11 @@ class TASKQUEUE_OT_show_traceback(_JobOperator, bpy.types.Operator):
 
         if context.window is not None and not bpy.app.background:  # no popups without a UI
             context.window_manager.popup_menu(draw, title=f"{info.label}: traceback (copied)", icon="ERROR")  # type: ignore[union-attr]
-        self.report({"INFO"}, "Traceback copied to the clipboard")
+        if bpy.app.background:  # no clipboard, no popup: the console gets it
+            print(text)
+            self.report({"INFO"}, "Traceback printed to the console")
+        else:
+            self.report({"INFO"}, "Traceback copied to the clipboard")
         return {"FINISHED"}
 
 

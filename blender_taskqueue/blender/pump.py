@@ -58,6 +58,10 @@ class Pump:
         self._order_version = -1
         self._stats_at = 0.0
         self._shadow: list[str] = []  # job ids in the WindowManager rows, as last written
+        self._index_seen = -1  # the list's active index as the pump last left it
+        # One callable for register/is_registered/unregister: timers match the exact
+        # object, and every `self._timer` access makes a new bound method.
+        self._timer_fn = self._timer
         self._timer_registered = False
         self._since = time.time()  # jobs that finished before this pump began are history
         self.ticks = 0
@@ -66,15 +70,15 @@ class Pump:
     # ---- the timer
 
     def start(self) -> None:
-        if not bpy.app.timers.is_registered(self._timer):
-            bpy.app.timers.register(self._timer, first_interval=ACTIVE_INTERVAL_S, persistent=True)
+        if not bpy.app.timers.is_registered(self._timer_fn):
+            bpy.app.timers.register(self._timer_fn, first_interval=ACTIVE_INTERVAL_S, persistent=True)
         self._timer_registered = True
         if self.engine.recovery is not None:
             self.mirror.recovery = self.engine.recovery
 
     def stop(self) -> None:
-        if bpy.app.timers.is_registered(self._timer):
-            bpy.app.timers.unregister(self._timer)
+        if bpy.app.timers.is_registered(self._timer_fn):
+            bpy.app.timers.unregister(self._timer_fn)
         self._timer_registered = False
 
     def _timer(self) -> Optional[float]:
@@ -145,11 +149,15 @@ class Pump:
         rows = state.jobs
         order = self.mirror.order
         mirror = self.mirror
-        # Keep the selection on the same job when the order changes.
-        index = state.active_index
-        if 0 <= index < len(self._shadow):
-            mirror.selected_id = self._shadow[index]
         shadow = self._shadow
+        if len(rows) != len(shadow):  # the rows were reset (a file was loaded): rewrite all
+            rows.clear()
+            shadow.clear()
+        # Keep the selection on the same job when the order changes; a click (the
+        # index moved since the pump last set it) selects the clicked row's job.
+        index = state.active_index
+        if index != self._index_seen and 0 <= index < len(shadow):
+            mirror.selected_id = shadow[index]
         while len(rows) > len(order):
             rows.remove(len(rows) - 1)
             shadow.pop()
@@ -170,12 +178,22 @@ class Pump:
                 wanted = -1
             if wanted != state.active_index:
                 state.active_index = wanted
+        self._index_seen = state.active_index
+
+    def select(self, job_id: str) -> None:
+        """Select ``job_id`` in the list at the next sync (e.g. the job a retry made).
+        A click on a row made before this call is taken as seen."""
+        self.mirror.selected_id = job_id
+        wm = bpy.context.window_manager
+        if wm is not None and hasattr(wm, "taskqueue"):
+            self._index_seen = wm.taskqueue.active_index  # type: ignore[attr-defined]
 
     def clear_rows(self) -> None:
         wm = bpy.context.window_manager
         if wm is not None and hasattr(wm, "taskqueue"):
             wm.taskqueue.jobs.clear()
         self._shadow.clear()
+        self._index_seen = -1
 
     # ---- redraw and notifications
 

@@ -119,7 +119,7 @@ def selected_job_id() -> str:
 
 def select(job_id: str) -> None:
     if _pump is not None:
-        _pump.mirror.selected_id = job_id
+        _pump.select(job_id)
 
 
 def dismiss_recovery() -> None:

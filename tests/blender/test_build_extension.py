@@ -78,20 +78,7 @@ def run_build(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-@pytest.fixture(scope="session")
-def linux_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Build the linux-x64 zip once: (zip path, what the script printed)."""
-    out = tmp_path_factory.mktemp("dist")
-    proc = run_build("--out", str(out), "--platform", "linux-x64")
-    if proc.returncode == EXIT_NETWORK:
-        pytest.skip(f"cannot download the pinned wheels, the package index is out of reach:\n{proc.stderr[-1500:]}")
-    assert proc.returncode == 0, f"build failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return out / ZIP_NAME, proc.stdout
-
-
-@pytest.fixture(scope="session")
-def linux_zip(linux_build: tuple[Path, str]) -> Path:
-    return linux_build[0]
+# linux_build and linux_zip (the zip, built once per session) come from conftest.py.
 
 
 def zip_names(path: Path) -> list[str]:
