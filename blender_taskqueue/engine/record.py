@@ -47,6 +47,7 @@ class JobRecord:
         "cancel_event",
         "callable",
         "recovered_from",
+        "yielded_at",
         "_view",
     )
 
@@ -99,6 +100,7 @@ class JobRecord:
         self.cancel_event: Any = None
         self.callable: Any = None
         self.recovered_from: Optional[str] = None
+        self.yielded_at = 0.0
         self._view: Any = None
 
     def params_view(self) -> Any:
