@@ -71,26 +71,56 @@ def progress_text(info: JobInfo) -> str:
     return " · ".join(parts)
 
 
+def short_progress_text(info: JobInfo) -> str:
+    """For a narrow row: the percentage, or one word for what the job waits on."""
+    if info.held:
+        return "held"
+    if info.cancel_pending:
+        return "stopping"
+    if info.state is _S.QUEUED:
+        return "memory" if (info.message or "").startswith("waiting for memory") else "queued"
+    if info.state is _S.COMPLETED:
+        return "done"
+    if info.state.is_terminal:
+        return info.state.value
+    return f"{info.progress * 100:.0f}%"
+
+
 def row_label(info: JobInfo) -> str:
     if info.max_retries and info.attempt:
         return f"{info.label} ({info.attempt}/{info.max_retries + 1})"
     return info.label
 
 
-def _wrapped(layout: Any, text: str, width: int = 42, icon: str = "NONE", limit: int = 6) -> None:
-    lines = textwrap.wrap(text, width) or [""]
+_chars_per_line = 28  # updated from the sidebar's width at each draw
+
+
+def _measure(context: Any) -> int:
+    """Characters that fit on one line of the sidebar (about 7 px each at 1x)."""
+    global _chars_per_line
+    region = getattr(context, "region", None)
+    if region is not None and region.width > 1:
+        scale = context.preferences.system.ui_scale or 1.0
+        _chars_per_line = max(14, int(region.width / (8.0 * scale)) - 5)
+    return _chars_per_line
+
+
+def _wrapped(layout: Any, text: str, width: int = 0, icon: str = "NONE", limit: int = 6) -> None:
+    lines = textwrap.wrap(text, width or _chars_per_line) or [""]
     for i, line in enumerate(lines[:limit]):
         layout.label(text=line + ("…" if i == limit - 1 and len(lines) > limit else ""),
                      icon=icon if i == 0 else "BLANK1" if icon != "NONE" else "NONE")
 
 
-def _progress(layout: Any, info: JobInfo) -> None:
+def _progress(layout: Any, info: JobInfo, short: bool = False) -> None:
     factor = 1.0 if info.state is _S.COMPLETED else info.progress
-    text = progress_text(info)
+    text = short_progress_text(info) if short else progress_text(info)
     if hasattr(layout, "progress"):  # Blender 4.0+
         layout.progress(factor=factor, type="BAR", text=text)
-    else:  # 3.4-3.6: a plain label with the percentage
-        layout.label(text=f"{factor * 100:3.0f}% {text}")
+    elif info.state.is_terminal or info.state is _S.QUEUED or short:  # 3.4-3.6: no bars
+        layout.label(text=text)
+    else:
+        layout.label(text=f"{factor * 100:.0f}% {text}")
 
 
 class TASKQUEUE_UL_jobs(bpy.types.UIList):
@@ -104,13 +134,16 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         if info is None:
             layout.label(text=item.name or item.job_id, icon="QUESTION")
             return
-        split = layout.split(factor=0.5, align=True)
+        # The label gets most of a narrow row; the bar says only "42%" or one word
+        # there. A wide sidebar has room for the stage and the ETA.
+        narrow = _measure(context) < 48
+        split = layout.split(factor=0.62 if narrow else 0.5, align=True)
         left = split.row(align=True)
         left.alert = info.state in (_S.FAILED, _S.INTERRUPTED)
         left.label(text=row_label(info), icon=state_icon(info))
         right = split.row(align=True)
         right.alert = left.alert
-        _progress(right, info)
+        _progress(right, info, short=narrow)
 
     def filter_items(self, context: Any, data: Any, propname: str) -> tuple[list[int], list[int]]:  # type: ignore[override]
         rows = getattr(data, propname)
@@ -142,6 +175,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
         mirror = pump.mirror
         stats = mirror.stats
         state = context.window_manager.taskqueue
+        _measure(context)
         if stats is not None:
             self._draw_counts(layout, stats)
         if mirror.recovery is not None:
@@ -155,8 +189,9 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
         if not mirror.order:
             box = layout.box()
             box.label(text="No jobs yet", icon="INFO")
-            box.label(text="From the Python console:")
-            box.label(text="import blender_taskqueue as tq")
+            box.label(text="In the Python console:")
+            box.label(text="import blender_taskqueue")
+            box.label(text="    as tq")
             box.operator("taskqueue.submit_demo", icon="ADD")
             return
         row = layout.row(align=True)
@@ -178,28 +213,38 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
 
     @staticmethod
     def _draw_counts(layout: Any, stats: Any) -> None:
+        # Numbers first: if the sidebar is narrow, a truncated label keeps them.
         col = layout.column(align=True)
-        row = col.row(align=True)
-        row.label(text=f"Running {stats.running}/{stats.max_workers}", icon="PLAY")
+        grid = col.grid_flow(columns=2, even_columns=True, align=True)
+        grid.label(text=f"{stats.running}/{stats.max_workers} running", icon="PLAY")
         waiting = stats.queued - stats.held
-        row.label(text=f"Queued {waiting}" + (f" +{stats.held} held" if stats.held else ""),
-                  icon="SORTTIME")
-        row = col.row(align=True)
-        row.label(text=f"Done {stats.completed}", icon="CHECKMARK")
+        grid.label(text=f"{waiting} queued", icon="SORTTIME")
+        grid.label(text=f"{stats.completed} done", icon="CHECKMARK")
         failed = stats.failed + stats.interrupted
-        sub = row.row(align=True)
+        sub = grid.row(align=True)
         sub.alert = failed > 0
-        sub.label(text=f"Failed {failed}", icon="ERROR")
+        sub.label(text=f"{failed} failed", icon="ERROR")
+        if stats.held or stats.cancelled:
+            grid.label(text=f"{stats.held} held", icon="PAUSE")
+            grid.label(text=f"{stats.cancelled} cancelled", icon="CANCEL")
+        col.label(text=f"{stats.available_memory_mb / 1024:.1f} GB memory free", icon="MEMORY")
         row = col.row(align=True)
-        row.label(text=f"{stats.available_memory_mb / 1024:.1f} GB free", icon="MEMORY")
         if stats.paused:
-            sub = row.row(align=True)
-            sub.alert = True
-            sub.operator("taskqueue.resume", text="Paused: Resume", icon="PLAY")
+            row.alert = True
+            row.operator("taskqueue.resume", text="Paused: Resume", icon="PLAY")
         else:
-            row.operator("taskqueue.pause", text="Pause", icon="PAUSE")
+            row.operator("taskqueue.pause", text="Pause Queue", icon="PAUSE")
         if stats.waiting_for_memory:
-            col.label(text="Waiting for free memory", icon="SORTTIME")
+            pump = runtime.pump()
+            waiting = [
+                info for info in (pump.mirror.info(i) for i in pump.mirror.order) if info is not None
+                and info.state is _S.QUEUED and (info.message or "").startswith("waiting for memory")
+            ] if pump is not None else []
+            box = col.box()
+            if waiting:
+                _wrapped(box, f"'{waiting[0].label}' is {waiting[0].message}", icon="SORTTIME", limit=4)
+            else:
+                box.label(text="Waiting for free memory", icon="SORTTIME")
         if stats.write_error:
             box = col.box()
             box.alert = True
@@ -230,31 +275,15 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
     def draw(self, context: Any) -> None:
         layout: Any = self.layout
         pump = runtime.pump()
+        _measure(context)
         info = pump.mirror.info(runtime.selected_job_id()) if pump is not None else None
         if info is None:
             layout.label(text="The job left the history")
             return
         col = layout.column(align=True)
         col.label(text=info.label, icon=state_icon(info))
-        col.label(text=f"{info.state.value.title()}" + (" (held)" if info.held else "")
-                  + (", cancelling" if info.cancel_pending else ""))
-        col.label(text=f"{info.kind} · {info.id} · priority {info.priority}")
-        attempts = f"attempt {info.attempt} of {info.max_retries + 1}" if info.attempt else "not started"
-        col.label(text=attempts + (f" · timeout {info.timeout:g} s" if info.timeout else ""))
-        if info.started_at:
-            end = info.finished_at or time.time()
-            col.label(text=f"Ran {format_eta(end - info.started_at) or '0s'}")
-        if not info.state.is_terminal and info.state is not _S.QUEUED:
-            _progress(layout, info)
-        if info.message:
-            _wrapped(layout.column(align=True), info.message, icon="INFO", limit=4)
-        if info.params:
-            box = layout.box()
-            box.label(text="Parameters")
-            pcol = box.column(align=True)
-            for key, value in list(info.params.items())[:10]:
-                pcol.label(text=f"{key}: {value}"[:80])
-        if info.error is not None:
+        col.separator()
+        if info.error is not None:  # first: it is why a user looks here
             box = layout.box()
             box.alert = True
             err = info.error
@@ -264,6 +293,28 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             if len(info.errors) > 1:
                 box.label(text=f"{len(info.errors)} attempts failed")
             box.operator("taskqueue.show_traceback", icon="TEXT").job_id = info.id
+        col = layout.column(align=True)
+        col.label(text=f"{info.state.value.title()}" + (" (held)" if info.held else "")
+                  + (", cancelling" if info.cancel_pending else ""))
+        col.label(text=f"Kind: {info.kind}")
+        col.label(text=f"Id: {info.id}")
+        col.label(text=f"Priority {info.priority}")
+        attempts = f"attempt {info.attempt} of {info.max_retries + 1}" if info.attempt else "not started"
+        col.label(text=attempts + (f" · timeout {info.timeout:g} s" if info.timeout else ""))
+        if info.started_at:
+            end = info.finished_at or time.time()
+            col.label(text=f"Ran {format_eta(end - info.started_at) or '0s'}")
+        if not info.state.is_terminal and info.state is not _S.QUEUED:
+            _progress(layout, info)
+        if info.message and not (info.error is not None and info.state.is_terminal):
+            _wrapped(layout.column(align=True), info.message, icon="INFO", limit=4)
+        if info.params:
+            box = layout.box()
+            box.label(text="Parameters")
+            pcol = box.column(align=True)
+            shown = [(k, v) for k, v in info.params.items() if v is not None]
+            for key, value in shown[:10]:
+                pcol.label(text=f"{key}: {value}"[:80])
         if info.result is not None:
             box = layout.box()
             box.label(text="Result", icon="CHECKMARK")
@@ -274,8 +325,10 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             _result_lines(box, info.partial_result)
         row = layout.row(align=True)
         if info.state.is_terminal:
-            row.operator("taskqueue.retry", icon="FILE_REFRESH").job_id = info.id
-            row.operator("taskqueue.retry_with_changes", text="With Changes…").job_id = info.id
+            col = layout.column(align=True)
+            col.operator("taskqueue.retry", icon="FILE_REFRESH").job_id = info.id
+            col.operator("taskqueue.retry_with_changes", text="Retry with Changes…",
+                         icon="GREASEPENCIL").job_id = info.id
         else:
             row.operator("taskqueue.cancel", icon="X").job_id = info.id
             if info.held:

@@ -27,6 +27,18 @@ IDLE_INTERVAL_S = 0.5
 MAIN_CALL_BUDGET_S = 0.008  # of a 100 ms tick: Blender keeps 92% of the main thread
 MAX_ROWS = 2000  # the list shows the first rows in display order; the header counts all
 STATS_EVERY_S = 0.5
+NOTIFY_EVERY_S = 1.0  # at most one status-bar report a second, however many jobs end
+
+
+def _shown(stats: Optional[EngineStats]) -> Optional[tuple]:
+    """The stats as the panel shows them (memory to 0.1 GB), to skip needless redraws."""
+    if stats is None:
+        return None
+    return stats._replace(
+        process_memory_mb=0.0,
+        available_memory_mb=round(stats.available_memory_mb / 102.4),
+        throughput_per_min=0.0,
+    )
 
 
 class Mirror:
@@ -64,8 +76,12 @@ class Pump:
         self._timer_fn = self._timer
         self._timer_registered = False
         self._since = time.time()  # jobs that finished before this pump began are history
+        self._unreported: list[tuple[str, str]] = []  # (level, message) for the status bar
+        self._notified_at = 0.0
         self.ticks = 0
         self.tick_times: collections.deque[float] = collections.deque(maxlen=2000)
+        # CPU time of the tick itself; wall time also holds waits for the GIL.
+        self.tick_cpu: collections.deque[float] = collections.deque(maxlen=2000)
 
     # ---- the timer
 
@@ -91,6 +107,7 @@ class Pump:
     def tick(self) -> float:
         """One pump tick; returns the delay until the next one."""
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         engine = self.engine
         mirror = self.mirror
         self.online_access = bool(getattr(bpy.app, "online_access", True))
@@ -112,7 +129,7 @@ class Pump:
             if event.type == "notice":
                 if event.level == RESYNC:
                     resync = True
-                elif event.message:
+                elif event.message and event.level != "info":  # pause/resume show in the counts
                     mirror.notices.append((time.time(), event.level, event.message))
                     changed = True
         if resync or engine.order_version != self._order_version:
@@ -124,17 +141,22 @@ class Pump:
         engine.run_main_calls(MAIN_CALL_BUDGET_S)
         now = time.monotonic()
         if changed or now - self._stats_at >= STATS_EVERY_S or mirror.stats is None:
-            mirror.stats = engine.stats()
+            stats = engine.stats()
             self._stats_at = now
-            changed = True
+            if _shown(stats) != _shown(mirror.stats):  # redraw only for what the panel shows
+                changed = True
+            mirror.stats = stats
         if changed:
             mirror.version += 1
             self._sync_rows()
             self._tag_redraw()
         if finished:
-            self._notify(finished)
+            self._notify(finished, now)
+        if self._unreported and now - self._notified_at >= NOTIFY_EVERY_S:
+            self._report(now)
         self.ticks += 1
         self.tick_times.append(time.perf_counter() - started)
+        self.tick_cpu.append(time.thread_time() - cpu_started)
         stats = mirror.stats
         busy = stats is not None and (stats.running or (stats.queued - stats.held and not stats.paused))
         return ACTIVE_INTERVAL_S if busy or engine.pending_main_calls else IDLE_INTERVAL_S
@@ -213,32 +235,48 @@ class Pump:
                     if region.type == "UI":
                         region.tag_redraw()
 
-    def _notify(self, finished: list[JobInfo]) -> None:
-        """One non-blocking status-bar report per tick, never a popup."""
+    def _notify(self, finished: list[JobInfo], now: float) -> None:
+        """Note finished jobs in the mirror at once; the status bar gets one report a
+        second at most (an operator call per job would cost the main thread)."""
         failed = [i for i in finished if i.state in (JobState.FAILED, JobState.INTERRUPTED)]
         done = [i for i in finished if i.state is JobState.COMPLETED]
-        if failed:
-            first = failed[0]
-            why = f": {first.error.type}: {first.error.message}" if first.error else ""
-            more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-            message, level = f"Task Queue: '{first.label}' {first.state.value}{why}{more}", "WARNING"
-        elif done:
+        for info in failed:
+            why = f": {info.error.type}: {info.error.message}" if info.error else ""
+            self._note("warning", f"'{info.label}' {info.state.value}{why}")
+        if done:
             more = f" (+{len(done) - 1} more)" if len(done) > 1 else ""
-            message, level = f"Task Queue: '{done[0].label}' completed{more}", "INFO"
-        else:
-            return
-        self.mirror.notices.append((time.time(), level.lower(), message))
+            self._note("info", f"'{done[0].label}' completed{more}")
+
+    def _note(self, level: str, message: str) -> None:
+        self.mirror.notices.append((time.time(), level, message))
+        self._unreported.append((level, message))
+
+    def _report(self, now: float) -> None:
+        self._notified_at = now
+        batch, self._unreported = self._unreported, []
+        worst = [m for lvl, m in batch if lvl != "info"]
+        message = worst[0] if worst else batch[-1][1]
+        more = len(batch) - 1
+        text = f"Task Queue: {message}" + (f" (+{more} more)" if more else "")
         try:
-            bpy.ops.taskqueue.notify(message=message[:500], level=level)  # type: ignore[attr-defined]
+            bpy.ops.taskqueue.notify(message=text[:500], level="WARNING" if worst else "INFO")
         except Exception:  # no window to report into (background mode): the mirror has it
             pass
 
     def tick_stats_ms(self) -> dict[str, Any]:
+        """Wall-time p50/p99/max of recent ticks, and the p99 of their own CPU time."""
         samples = sorted(self.tick_times)
         if not samples:
             return {"ticks": 0}
+        cpu = sorted(self.tick_cpu)
 
-        def pct(q: float) -> float:
-            return samples[min(len(samples) - 1, int(q / 100 * len(samples)))] * 1000
+        def pct(values: list[float], q: float) -> float:
+            return values[min(len(values) - 1, int(q / 100 * len(values)))] * 1000
 
-        return {"ticks": len(samples), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": samples[-1] * 1000}
+        return {
+            "ticks": len(samples),
+            "p50_ms": pct(samples, 50),
+            "p99_ms": pct(samples, 99),
+            "max_ms": samples[-1] * 1000,
+            "cpu_p99_ms": pct(cpu, 99),
+        }

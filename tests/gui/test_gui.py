@@ -1,0 +1,143 @@
+"""The real-window GUI check as a test: ``scripts/gui_check.py`` runs Blender's own
+window (Debian's Blender 3.4) under ``xvfb-run`` with the add-on loaded the legacy way,
+and these tests read the result it writes.
+
+One run serves every test in this module (about 40 s). The tests are skipped where
+``blender`` or ``xvfb-run`` is not installed (``apt-get install blender xvfb xauth``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gui_check.py"
+RUN_TIMEOUT_S = 240
+SHOTS = ("idle", "busy", "failure", "done")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        shutil.which("blender") is None or shutil.which("xvfb-run") is None,
+        reason="needs `blender` and `xvfb-run` on the PATH (apt-get install blender xvfb xauth)",
+    ),
+]
+
+
+class GuiRun:
+    def __init__(self, proc: subprocess.CompletedProcess[str], result: dict[str, Any], out: Path) -> None:
+        self.proc = proc
+        self.result = result
+        self.out = out
+
+    def explain(self) -> str:
+        error = self.result.get("error") or ""
+        return (
+            f"gui_check.py exited {self.proc.returncode}; error: {error}\n"
+            f"--- stdout ---\n{self.proc.stdout[-5000:]}\n--- stderr ---\n{self.proc.stderr[-5000:]}"
+        )
+
+
+@pytest.fixture(scope="module")
+def gui(tmp_path_factory: pytest.TempPathFactory) -> GuiRun:
+    out = tmp_path_factory.mktemp("gui-check")
+    # The launcher waits for Blender to quit (or kills it at its own time limit), so this
+    # returns when the run is over: no polling, no sleeps.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--timeout", str(RUN_TIMEOUT_S)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 40, cwd=str(ROOT),
+    )
+    result_path = out / "result.json"
+    if not result_path.is_file():
+        pytest.fail(f"gui_check.py wrote no result (exit {proc.returncode})\n"
+                    f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+    return GuiRun(proc, json.loads(result_path.read_text(encoding="utf-8")), out)
+
+
+def test_the_run_passes_and_blender_quits_with_a_job_running(gui: GuiRun) -> None:
+    assert gui.proc.returncode == 0 and gui.result["ok"], gui.explain()
+    outer = gui.result["outer"]
+    assert not outer["timed_out"], gui.explain()
+    assert outer["returncode"] == 0, gui.explain()
+    # The last job still ran when the inside part asked Blender to quit.
+    assert outer["quit_seconds"] < 15.0, gui.explain()
+
+
+def test_the_add_on_loads_in_blender_3_4_the_legacy_way(gui: GuiRun) -> None:
+    assert gui.result["checks"]["addon_enabled"], gui.result.get("addon_errors")
+    assert gui.result["addon_errors"] == []
+    assert tuple(int(x) for x in gui.result["blender_version"].split(".")[:2]) >= (3, 4)
+
+
+def test_the_task_queue_tab_exists_and_draws(gui: GuiRun) -> None:
+    assert gui.result["checks"]["tab_draws"], gui.explain()
+    tab = gui.result["tab"]
+    assert tab["panel_draws"] >= 1
+    assert tab["sidebar_width"] > 100, tab
+    assert gui.result["window"] == [1600, 900]
+
+
+def test_the_timer_runs_at_about_10_hz_while_jobs_are_active(gui: GuiRun) -> None:
+    pump = gui.result["pump"]
+    assert 7.0 <= pump["active_hz"] <= 11.0, pump
+    assert pump["idle_hz"] < pump["active_hz"], pump  # slower when idle
+    assert gui.result["checks"]["timer_about_10hz_while_active"]
+
+
+def test_jobs_submitted_from_the_console_appear_in_the_panel(gui: GuiRun) -> None:
+    checks = gui.result["checks"]
+    assert checks["console_jobs_in_panel"], gui.result.get("first_seen_ms")
+    # tq.move(..., "top") from the console: the panel's rows and drawing follow.
+    reorder = gui.result["reorder"]
+    assert checks["reorder_in_panel"], reorder
+    assert reorder["panel_drawn"] == reorder["expected"] == ["Preview C", "Preview A", "Preview B"]
+    assert checks["memory_wait_in_panel"], "the memory-bound job never showed 'waiting for memory'"
+    assert checks["memory_job_ran_after_limit_lowered"], gui.result["mixed_batch"]
+
+
+def test_cancelling_with_the_panels_operator_cancels_the_job(gui: GuiRun) -> None:
+    cancel = gui.result["cancel"]
+    assert gui.result["checks"]["cancel_from_panel"], cancel
+    assert cancel["operator"] == ["FINISHED"]
+    assert cancel["state"] == "cancelled"
+    assert cancel["drawn_states"][-1] == "cancelled", cancel  # and the panel drew it so
+
+
+def test_a_failure_shows_its_details_and_traceback(gui: GuiRun) -> None:
+    failure = gui.result["failure"]
+    assert gui.result["checks"]["failure_details_drawn"], failure
+    assert failure["error_type"] == "RuntimeError"
+    assert failure["traceback_lines"] > 2
+    assert failure["show_traceback"] == ["FINISHED"]
+
+
+def test_the_stall_figures_are_measured_and_printed(gui: GuiRun) -> None:
+    stalls = gui.result["stalls"]
+    for name in ("idle", "redraw_control", "busy", "busy_cpu", "drain"):
+        assert stalls[name]["samples"] > 0, name
+        assert stalls[name]["p99_ms"] is not None and stalls[name]["max_ms"] is not None, name
+    assert gui.result["checks"]["busy_window_was_busy"] and gui.result["checks"]["busy_cpu_window_was_busy"]
+    assert gui.result["progress_delay"]["samples"] > 100
+    printed = gui.proc.stdout
+    for line in ("stall idle:", "stall busy:", "stall busy_cpu:", "stall ratio busy/idle: p99",
+                 "progress -> panel (busy):", "pump: "):
+        assert line in printed, f"{line!r} not printed:\n{printed}"
+
+
+def test_the_screenshots_are_small_pngs(gui: GuiRun) -> None:
+    for moment in SHOTS:
+        shot = gui.out / f"panel-{moment}.png"
+        assert shot.is_file(), moment
+        data = shot.read_bytes()
+        assert data.startswith(PNG_MAGIC), moment
+        assert 1_000 < len(data) < 300_000, (moment, len(data))
+        assert (gui.out / f"window-{moment}.png").is_file(), moment
