@@ -116,5 +116,8 @@ class JobContext:
         Blocks this worker until the pump (or ``wait`` on the main thread) runs it;
         re-raises fn's exception here. Raises ``JobCancelled`` if the job is asked
         to stop before the call started. The only sanctioned way to touch ``bpy``.
+        Avoid running operators inside ``context.temp_override()`` in ``fn``:
+        Blender then calls into Python without the GIL while worker threads run,
+        which corrupts memory (a Blender bug, reproduced in 3.4 and 5.0).
         """
         return self._engine._call_on_main(self._job, fn, args, kwargs)
