@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -11,20 +10,12 @@ import blender_taskqueue as tq
 from blender_taskqueue import api
 from blender_taskqueue.engine import kinds as engine_kinds
 
+from support import wait_until
+
 pytestmark = pytest.mark.timeout(30)
 
 WAIT = 10.0
 S = tq.JobState
-
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds (a condition to reach, never a delay to sleep)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        tick.wait(0.002)
 
 
 @pytest.fixture

@@ -13,31 +13,12 @@ import pytest
 
 from blender_taskqueue.engine import JobCancelled, JobContext, JobState, current_context, job_kind
 
+from support import FakeClock, wait_until
+
 pytestmark = pytest.mark.timeout(30)
 
 WAIT = 10.0
 S = JobState
-
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds (a condition to reach, never a delay to sleep)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        tick.wait(0.002)
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 class Steps:

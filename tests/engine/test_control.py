@@ -4,7 +4,6 @@ configure, release of held jobs, and memory admission."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pydantic
 import pytest
@@ -18,49 +17,12 @@ from blender_taskqueue.engine import (
     job_kind,
 )
 
+from support import FakeClock, FakeProbe, wait_until
+
 pytestmark = pytest.mark.timeout(30)
 
 WAIT = 10.0
 S = JobState
-
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds (a condition to reach, never a delay to sleep)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        tick.wait(0.002)
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
-class FakeProbe:
-    """What the engine asks about memory; the test sets the numbers."""
-
-    def __init__(self, available: float = 4096.0, process: float = 256.0) -> None:
-        self.available = available
-        self.process = process
-        self.invalidations = 0
-
-    def available_mb(self) -> float:
-        return self.available
-
-    def process_mb(self) -> float:
-        return self.process
-
-    def invalidate(self) -> None:
-        self.invalidations += 1
 
 
 def queue_view(engine) -> tuple:

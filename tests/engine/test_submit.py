@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 from typing import Any
 
 import pydantic
@@ -28,19 +27,10 @@ from blender_taskqueue.engine import (
     job_kind,
 )
 
+
 pytestmark = pytest.mark.timeout(30)
 
 WAIT = 10.0
-
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition") -> None:
-    """Poll ``predicate`` until it holds (a condition to reach, never a delay to sleep)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        tick.wait(0.002)
 
 
 def queue_view(engine) -> tuple:
