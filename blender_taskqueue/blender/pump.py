@@ -259,7 +259,7 @@ class Pump:
         more = len(batch) - 1
         text = f"Task Queue: {message}" + (f" (+{more} more)" if more else "")
         try:
-            bpy.ops.taskqueue.notify(message=text[:500], level="WARNING" if worst else "INFO")
+            bpy.ops.taskqueue.notify(message=text[:500], level="WARNING" if worst else "INFO")  # type: ignore[attr-defined]
         except Exception:  # no window to report into (background mode): the mirror has it
             pass
 
