@@ -46,6 +46,12 @@ measures what that bookkeeping costs on the paths that matter to a user:
   second, the longest gap between two pumps (a starved main thread), and how
   many drains reported dropped events (the event queue overflowed; the pump
   then re-reads the jobs, as the resync notice asks).
+* **process.run overhead** – the built-in ``process.run`` kind (submit until
+  ``Engine.wait`` returns) against ``subprocess.run(argv, capture_output=True)``
+  on the same command, for a command that sleeps 100 ms and for one that prints
+  100,000 lines (the kind streams them to its log file and parses progress from
+  every line with a ``current/total`` regex). Paired rounds, alternating which
+  side goes first; the figure is the median per-round ratio.
 
 Why ratios against an in-run baseline: absolute numbers depend on the machine,
 the Python build and whatever else the CPU is doing (CI runners and laptops are
@@ -125,6 +131,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "drain_p99_ms": ("max", 1.0),
     "sidecar_write_ms": ("max", 100.0),
     "adoption_ms": ("max", 500.0),
+    "process_overhead_ratio": ("max", 1.5),
 }
 
 
@@ -141,6 +148,8 @@ class Sizes:
     progress_jobs: int
     progress_iterations: int  # ctx.progress calls per job
     pump_interval_s: float
+    process_rounds: int  # paired rounds of each process.run command
+    process_lines: int  # lines printed by the "many lines" command
 
 
 FULL = Sizes(
@@ -153,6 +162,8 @@ FULL = Sizes(
     progress_jobs=8,
     progress_iterations=300_000,
     pump_interval_s=0.010,
+    process_rounds=5,
+    process_lines=100_000,
 )
 QUICK = Sizes(
     throughput_jobs=5_000,
@@ -164,6 +175,8 @@ QUICK = Sizes(
     progress_jobs=8,
     progress_iterations=100_000,
     pump_interval_s=0.010,
+    process_rounds=2,
+    process_lines=100_000,
 )
 
 
@@ -193,7 +206,7 @@ class Figure:
         if self.target is None:
             return None
         kind, limit = TARGETS[self.target]
-        measured = self.ratio if self.target == "throughput_ratio" else self.value
+        measured = self.ratio if self.target.endswith("_ratio") else self.value
         if measured is None:
             return None
         return measured >= limit if kind == "min" else measured < limit
@@ -203,7 +216,7 @@ class Figure:
         if self.target is None:
             return ""
         kind, limit = TARGETS[self.target]
-        what = "ratio" if self.target == "throughput_ratio" else self.unit
+        what = "ratio" if self.target.endswith("_ratio") else self.unit
         return f"{what} {'>=' if kind == 'min' else '<'} {limit:g}"
 
     def as_json(self) -> dict[str, Any]:
@@ -848,6 +861,83 @@ class Bench:
                               adopt_s * 1000,
                               target="adoption_ms" if n == counts[-1] else None))
 
+    # ----------------------------------------------------------------------- process.run
+
+    def process_run(self, report: Report) -> None:
+        """``process.run`` against ``subprocess.run`` on the same command."""
+        import subprocess
+
+        from blender_taskqueue.kinds import process as process_kind
+
+        if process_kind.KIND not in self.registry:
+            process_kind.register(self.registry)
+        lines = self.sizes.process_lines
+        commands = {
+            "sleep_100ms": [sys.executable, "-c", "import time; time.sleep(0.1)"],
+            "lines": [
+                sys.executable, "-c",
+                f"n = {lines}\nfor i in range(n): print(f'frame {{i + 1}}/{{n}} rendered')",
+            ],
+        }
+        regex = r"frame (?P<current>\d+)/(?P<total>\d+)"
+        rounds = self.sizes.process_rounds
+        config = EngineConfig(max_workers=2, log_dir=self.log_dir, console_log=False,
+                              work_dir=self.log_dir / "process-work")
+        engine = Engine(config, registry=self.registry)
+        engine.start()
+        try:
+            for key, argv in commands.items():
+                _log(self.quiet, f"process.run vs subprocess.run: {key} ({rounds} rounds)")
+
+                def engine_side(argv: list[str] = argv) -> float:
+                    t0 = time.perf_counter()
+                    job = engine.submit(process_kind.KIND,
+                                        {"argv": argv, "progress_regex": regex})
+                    if not engine.wait([job], timeout=WAIT_TIMEOUT_S):
+                        raise RuntimeError(f"process.run job {job} did not finish")
+                    elapsed = time.perf_counter() - t0
+                    info = engine.get(job)
+                    if info.state != "completed":
+                        raise RuntimeError(f"process.run job ended {info.state}: {info.error}")
+                    return elapsed
+
+                def raw_side(argv: list[str] = argv) -> float:
+                    t0 = time.perf_counter()
+                    subprocess.run(argv, capture_output=True, check=True)
+                    return time.perf_counter() - t0
+
+                raw_side()  # warm the OS caches for both sides
+                eng: list[float] = []
+                raw: list[float] = []
+                for r in range(rounds):
+                    if r % 2 == 0:
+                        eng.append(engine_side())
+                        raw.append(raw_side())
+                    else:
+                        raw.append(raw_side())
+                        eng.append(engine_side())
+                ratios = [e / b for e, b in zip(eng, raw, strict=True)]
+                label = ("process.run, 100 ms command" if key == "sleep_100ms"
+                         else f"process.run, {lines:,} output lines")
+                report.add(
+                    Figure(
+                        f"process_run_{key}_ms",
+                        f"{label} (median of {rounds})",
+                        "ms",
+                        statistics.median(eng) * 1000,
+                        statistics.median(raw) * 1000,
+                        target="process_overhead_ratio",
+                        note="baseline: subprocess.run(capture_output=True)",
+                        paired_ratio=statistics.median(ratios),
+                    )
+                )
+                report.details[f"process_run_{key}"] = {
+                    "engine_ms": [_round(x * 1000) for x in eng],
+                    "raw_ms": [_round(x * 1000) for x in raw],
+                }
+        finally:
+            engine.shutdown(wait=True, timeout=10.0)
+
     # ----------------------------------------------------------------------- timer
 
     @staticmethod
@@ -959,6 +1049,7 @@ def run(args: argparse.Namespace) -> Report:
         ("memory", bench.memory),
         ("drain", bench.drain),
         ("sidecar", bench.sidecar),
+        ("process_run", bench.process_run),
     ]
     try:
         report.details["timer_overhead_ns"] = bench.timer_overhead_ns()
