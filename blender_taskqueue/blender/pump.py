@@ -74,7 +74,6 @@ class Pump:
         # One callable for register/is_registered/unregister: timers match the exact
         # object, and every `self._timer` access makes a new bound method.
         self._timer_fn = self._timer
-        self._timer_registered = False
         self._since = time.time()  # jobs that finished before this pump began are history
         self._unreported: list[tuple[str, str]] = []  # (level, message) for the status bar
         self._notified_at = 0.0
@@ -88,14 +87,12 @@ class Pump:
     def start(self) -> None:
         if not bpy.app.timers.is_registered(self._timer_fn):
             bpy.app.timers.register(self._timer_fn, first_interval=ACTIVE_INTERVAL_S, persistent=True)
-        self._timer_registered = True
         if self.engine.recovery is not None:
             self.mirror.recovery = self.engine.recovery
 
     def stop(self) -> None:
         if bpy.app.timers.is_registered(self._timer_fn):
             bpy.app.timers.unregister(self._timer_fn)
-        self._timer_registered = False
 
     def _timer(self) -> Optional[float]:
         try:

@@ -1523,7 +1523,7 @@ class Engine:
         if store is not None:
             if job is not None:
                 self._dirty.add(job)
-            store.mark(urgent, self.state_version)
+            store.mark(urgent)
 
 
 def _first_line(text: str) -> str:

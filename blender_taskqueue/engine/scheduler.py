@@ -271,10 +271,3 @@ class Scheduler:
             if head is not None and (best is None or head.key < best.key):
                 best = head
         return best
-
-    def position(self, job: JobRecord) -> int:
-        """0-based place of ``job`` in dispatch order (O(n); for display)."""
-        for i, key in enumerate(self._order):
-            if key == job.key:
-                return i
-        raise KeyError(job.id)

@@ -369,7 +369,6 @@ class SnapshotStore:
         self._cache: dict[str, str] = {}
         self._order: dict[str, None] = {}
         self._written_version = -1
-        self._wanted_version = 0
         self.writes = 0
         self.error: Optional[str] = None
         self._failures = 0
@@ -380,8 +379,7 @@ class SnapshotStore:
 
     # ---- called by the engine under its lock: must stay cheap
 
-    def mark(self, urgent: bool, version: int) -> None:
-        self._wanted_version = version
+    def mark(self, urgent: bool) -> None:
         if urgent:
             if not self._urgent:
                 with self._cv:
