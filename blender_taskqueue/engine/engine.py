@@ -1359,6 +1359,7 @@ class Engine:
         self._finish_times.append(now)
         self._trim_finish_times_locked(now)
         self._finished[job.id] = None
+        self.order_version += 1  # it moves from the running (or queued) part to history
         info = job.snapshot()
         self._events.state_info(info)
         if self._callbacks:

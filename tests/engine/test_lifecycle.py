@@ -837,3 +837,18 @@ def test_jobs_cancelled_while_waiting_raise_job_cancelled_inside(make_engine, re
     assert engine.wait(job_id, timeout=WAIT)
     assert engine.get(job_id).state is S.CANCELLED
     assert seen and job_id in seen[0]
+
+
+def test_order_version_moves_when_a_job_finishes(make_engine, registry) -> None:
+    """A finished job leaves the running part of jobs() for history: a UI mirror that
+    re-reads the order only when order_version moves must see that."""
+    job_kind("t.order_version", registry=registry)(lambda ctx, p: None)
+    engine = make_engine(max_workers=1)
+    job_id = engine.submit("t.order_version")
+    assert engine.wait([job_id], timeout=10)
+    before = engine.order_version
+    running = engine.submit("t.order_version")
+    assert engine.wait([running], timeout=10)
+    # submit, dispatch and finish each move it: the finish alone would be enough
+    assert engine.order_version >= before + 3
+    assert [i.id for i in engine.jobs()][:2] == [running, job_id]
