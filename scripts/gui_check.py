@@ -903,6 +903,9 @@ class GuiCheck:
         """Click on the job's row: set the list's active index, as the UIList does."""
         state = self.bpy.context.window_manager.taskqueue
         state.active_index = self.rows_order().index(job_id)
+        # A real click redraws the list's region; setting the index from Python does not.
+        _, region = self.view3d()
+        region.tag_redraw()
 
     def prefs(self) -> Any:
         return self.bpy.context.preferences.addons[PACKAGE].preferences
