@@ -450,7 +450,7 @@ def write_png(path: Path, width: int, height: int, rgb_rows: list[bytes]) -> Non
         prev = raw[start - stride + 1:start]
         cur = raw[start + 1:start + stride]
         raw[start] = 2
-        raw[start + 1:start + stride] = bytes((c - p) & 0xFF for c, p in zip(cur, prev))
+        raw[start + 1:start + stride] = bytes((c - p) & 0xFF for c, p in zip(cur, prev, strict=True))
     data = b"\x89PNG\r\n\x1a\n"
     data += chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     data += chunk(b"IDAT", zlib.compress(bytes(raw), 9))
@@ -828,7 +828,7 @@ class GuiCheck:
         """
         rec = self.rec
         stamps = [start] + [t for t in times if start < t < end] + [end]
-        gaps = [(b - a, a, b) for a, b in zip(stamps, stamps[1:])]
+        gaps = [(b - a, a, b) for a, b in zip(stamps, stamps[1:], strict=False)]
         ms = [g * 1000.0 for g, _, _ in gaps]
         spans = rec.addon_intervals()
         sidebar = [t for t, _ in rec.panel_draws] + rec.sidebar_draw_ends
@@ -972,7 +972,7 @@ class GuiCheck:
             self.sim("TAB", "PRESS", x, y, ctrl=True)
             self.sim("TAB", "RELEASE", x, y, ctrl=True)
             presses += 1
-            yield Until(lambda: self.panel_drew_since(t) or time.perf_counter() - t > 0.5, 2.0, "a redraw")
+            yield Until(lambda t=t: self.panel_drew_since(t) or time.perf_counter() - t > 0.5, 2.0, "a redraw")
         # Park the mouse in the middle of the viewport, away from any button.
         area, region = self.view3d()
         self.sim("MOUSEMOVE", "NOTHING", area.x + area.width // 3, area.y + area.height // 2)
@@ -1104,7 +1104,7 @@ class GuiCheck:
         submitted_at = time.perf_counter()
         ids = tq.submit_many(specs)
         hero, texture, broken, turntable, bake, prev_a, prev_b, prev_c = ids
-        labels = {i: s["label"] for i, s in zip(ids, specs)}
+        labels = {i: s["label"] for i, s in zip(ids, specs, strict=True)}
         yield Until(lambda: tq.stats().running == 4, 5.0, "the four high-priority jobs to start")
         # Raise "Keep Free" in the preferences above what the machine has: the next job to
         # start ('Bake lighting', 1 GB) waits for memory, and the previews wait behind it.
