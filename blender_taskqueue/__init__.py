@@ -7,6 +7,8 @@ starts the add-on's engine and pump; ``unregister()`` undoes all of it.
 
 from __future__ import annotations
 
+import os
+
 from .api import (
     cancel,
     clear_finished,
@@ -69,16 +71,31 @@ bl_info = {
 }
 
 
+# Set in the background Blender that a ``blender.render`` job starts: the add-on
+# stays unregistered there, so the child never starts a second queue or adopts
+# another session's jobs.
+CHILD_ENV = "BLENDER_TASKQUEUE_CHILD"
+_registered = False
+
+
 def register() -> None:
+    global _registered
+    if os.environ.get(CHILD_ENV) == "1":
+        return
     from . import blender
 
     blender.register()
+    _registered = True
 
 
 def unregister() -> None:
+    global _registered
+    if not _registered:
+        return
     from . import blender
 
     blender.unregister()
+    _registered = False
 
 
 __all__ = [

@@ -47,7 +47,7 @@ def _online_check(spec: KindSpec) -> Optional[str]:
 
 def start() -> None:
     global _pump, _owned, _alias
-    from ..kinds import demo, process  # noqa: F401  (registers the built-in kinds)
+    from ..kinds import demo, process, render  # noqa: F401  (registers the built-in kinds)
 
     prefs = preferences.preferences()
     existing = api.shared_engine_or_none()

@@ -1274,6 +1274,8 @@ class Engine:
                     job.message = "stopped by shutdown"
                     info = self._terminal_locked(job, _S.INTERRUPTED, now_wall)
             elif reason == "user" or (kind == "cancelled" and reason is None):
+                if kind == "cancelled" and str(outcome[1]):
+                    job.message = str(outcome[1])  # the handler's word on what it stopped
                 info = self._terminal_locked(job, _S.CANCELLED, now_wall)
             elif reason == "timeout":
                 err = JobError(

@@ -30,10 +30,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Optional
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Optional
 
 import psutil
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine import JobCancelled, JobContext, KindRegistry, KindSpec, job_kind
 
@@ -64,6 +65,8 @@ class ProcessTimeout(TimeoutError):
 class ProcessRun(BaseModel):
     """Params of ``process.run``. Validated at submit: the executable must resolve, the
     cwd must exist and the progress regex must compile with the groups it needs."""
+
+    model_config = ConfigDict(extra="forbid")
 
     argv: list[str] = Field(..., min_length=1, description="program and its arguments")
     cwd: Optional[str] = Field(None, description="working folder (must exist)")
@@ -166,12 +169,19 @@ class _Output:
     the last progress match and the tail of stderr. Memory stays bounded whatever
     the program prints."""
 
-    def __init__(self, log: IO[bytes], pattern: Optional[re.Pattern[str]]) -> None:
+    def __init__(
+        self,
+        log: IO[bytes],
+        pattern: Optional[re.Pattern[str]],
+        on_line: Optional[Callable[[str, str], None]] = None,
+    ) -> None:
         self._log = log
         self._pattern = pattern
+        self._on_line = on_line
         self._lock = threading.Lock()
         self._partial: dict[str, bytes] = {"stdout": b"", "stderr": b""}
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)  # both streams
         self.last_line: Optional[str] = None
         self.fraction: Optional[float] = None
         self.version = 0  # bumped on every change the handler should publish
@@ -206,6 +216,12 @@ class _Output:
                 self._note(stream, [rest])
 
     def _note(self, stream: str, lines: list[bytes]) -> None:
+        for raw in lines[-STDERR_TAIL_LINES:] if self._on_line is None else lines:
+            text = raw.decode("utf-8", "replace").rstrip()
+            if text.strip():
+                self.tail.append(text)
+                if self._on_line is not None:
+                    self._on_line(stream, text.strip())
         newest: Optional[str] = None
         for raw in reversed(lines):  # newest first; usually one or two are enough
             text = raw.decode("utf-8", "replace").strip()
@@ -267,7 +283,7 @@ def _read(pipe: IO[bytes], stream: str, output: _Output) -> None:
         output.close(stream)
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
+def group_members(pgid: int) -> list[psutil.Process]:
     """The processes of group ``pgid`` (POSIX; empty elsewhere). Cheap: one getpgid
     per process on the machine, a psutil object only for the members."""
     if not _POSIX:
@@ -310,7 +326,7 @@ def _tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
                 procs[p.pid] = p
         except psutil.Error:
             pass
-    for p in _group_members(proc.pid):
+    for p in group_members(proc.pid):
         procs.setdefault(p.pid, p)
     return list(procs.values())
 
@@ -330,6 +346,16 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
         time.sleep(0.01)
         alive = _living(alive)
     return alive
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float) -> None:
+    """Terminate ``procs``, wait up to ``grace_s``, then kill what is left (for
+    processes that are not our children, such as one left by a crashed session)."""
+    _signal(procs, kill=False)
+    alive = _wait_gone(procs, grace_s)
+    if alive:
+        _signal(alive, kill=True)
+        _wait_gone(alive, 2.0)
 
 
 def stop_tree(proc: subprocess.Popen[bytes], grace_s: float) -> int:
@@ -354,12 +380,43 @@ def stop_tree(proc: subprocess.Popen[bytes], grace_s: float) -> int:
     return len(procs) + len(late)
 
 
-@job_kind(KIND, params=ProcessRun)
-def run_process(ctx: JobContext, params: ProcessRun) -> dict:
-    """Run a program (argv list) with a cwd, env additions and a timeout; log its output."""
-    ctx.progress(0.0, stage="starting", message=" ".join(params.argv)[:MESSAGE_MAX_CHARS])
-    executable = resolve_executable(params.argv[0], params.cwd, params.env)
-    pattern = progress_pattern(params.progress_regex) if params.progress_regex else None
+@dataclass
+class Watched:
+    """How a watched process ended. ``stop`` is ``"cancel"``, ``"timeout"`` or None."""
+
+    code: int
+    stop: Optional[str]
+    pid: int
+    output: _Output
+    log_path: Path
+    duration_s: float
+
+
+def watch(
+    ctx: JobContext,
+    argv: list[str],
+    *,
+    executable: str,
+    cwd: Optional[str] = None,
+    env: Optional[dict[str, str]] = None,
+    timeout_s: Optional[float] = None,
+    grace_s: float = 3.0,
+    pattern: Optional[re.Pattern[str]] = None,
+    on_line: Optional[Callable[[str, str], None]] = None,
+    publish: Optional[Callable[[_Output], None]] = None,
+    on_start: Optional[Callable[[int], None]] = None,
+) -> Watched:
+    """Run ``argv`` in its own session and watch it until it exits, the job is
+    cancelled or ``timeout_s`` passes; then stop what is left of its tree.
+
+    Output goes to ``output.log`` in the job's workdir (appended to on later
+    attempts). ``on_line(stream, line)`` sees every non-empty line, in order, on a
+    reader thread: keep it cheap. ``publish(output)`` runs on the job's thread every
+    ``POLL_S`` while the output changes; by default the latest line and the
+    ``pattern``'s fraction become the job's progress. ``on_start(pid)`` runs once the
+    process exists (to record it, say, in a checkpoint). Never raises for the
+    program's own failure: the caller decides what an exit code means.
+    """
     log_path = ctx.workdir / LOG_NAME
     extra: dict[str, Any] = {}
     if _POSIX:
@@ -367,16 +424,18 @@ def run_process(ctx: JobContext, params: ProcessRun) -> dict:
     else:  # pragma: no cover - Windows
         extra["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
     ctx.raise_if_cancelled()
-    with open(log_path, "wb" if ctx.attempt == 1 else "ab", buffering=0) as log:
-        if ctx.attempt > 1:
-            log.write(f"--- attempt {ctx.attempt} ---\n".encode())
-        output = _Output(log, pattern)
+    again = ctx.attempt > 1 or ctx.resume_from is not None  # keep the earlier output
+    with open(log_path, "ab" if again else "wb", buffering=0) as log:
+        if again:
+            how = "resumed" if ctx.resume_from is not None else "started"
+            log.write(f"--- attempt {ctx.attempt} {how} ---\n".encode())
+        output = _Output(log, pattern, on_line)
         started = time.monotonic()
         proc = subprocess.Popen(
-            params.argv,
+            argv,
             executable=executable,
-            cwd=params.cwd,
-            env={**os.environ, **params.env},
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -386,24 +445,37 @@ def run_process(ctx: JobContext, params: ProcessRun) -> dict:
         readers = [
             threading.Thread(
                 target=_read, args=(pipe, name, output),
-                name=f"process.run-{ctx.job_id}-{name}", daemon=True,
+                name=f"{ctx.kind}-{ctx.job_id}-{name}", daemon=True,
             )
             for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
         ]
         for t in readers:
             t.start()
-        ctx.log.info("process started", pid=proc.pid, argv=params.argv, log=str(log_path))
-        ctx.progress(None, stage="running")
-        deadline = None if params.timeout_s is None else started + params.timeout_s
+        ctx.log.info("process started", pid=proc.pid, argv=argv, log=str(log_path))
+        if on_start is not None:
+            on_start(proc.pid)
+        deadline = None if timeout_s is None else started + timeout_s
         published = 0
         stop: Optional[str] = None
+
+        def _pass_on() -> None:
+            nonlocal published
+            version = output.version
+            if version != published:
+                published = version
+                if publish is not None:
+                    publish(output)
+                else:
+                    _, fraction, line = output.snapshot()
+                    ctx.progress(fraction, message=line)
+
         try:
             while True:
                 try:
                     proc.wait(timeout=POLL_S)
                 except subprocess.TimeoutExpired:
                     pass
-                published = _publish(ctx, output, published)
+                _pass_on()
                 if proc.returncode is not None:
                     break
                 if ctx.cancelled:
@@ -415,12 +487,12 @@ def run_process(ctx: JobContext, params: ProcessRun) -> dict:
         finally:
             if proc.returncode is None:  # cancel, timeout, or an error in this loop
                 ctx.progress(None, stage="stopping", message="stopping the process tree")
-                stop_tree(proc, params.grace_s)
-            elif _living(_group_members(proc.pid)):
+                stop_tree(proc, grace_s)
+            elif _living(group_members(proc.pid)):
                 # The program exited but left processes behind in its group (they may
                 # hold our pipes open): they belong to this job, stop them too.
                 ctx.log.warning("process left processes behind; stopping them", pid=proc.pid)
-                stop_tree(proc, params.grace_s)
+                stop_tree(proc, grace_s)
             for t, pipe in zip(readers, (proc.stdout, proc.stderr), strict=True):
                 t.join(timeout=2.0)
                 if t.is_alive():
@@ -435,31 +507,41 @@ def run_process(ctx: JobContext, params: ProcessRun) -> dict:
                 except OSError:
                     pass
         duration = time.monotonic() - started
-        _publish(ctx, output, published)
+        _pass_on()
     code = proc.wait()  # reaped already: returns the exit code at once
-    if stop == "cancel":
-        raise JobCancelled(f"process {params.argv[0]!r} (pid {proc.pid}) was stopped: job cancelled")
-    if stop == "timeout":
+    return Watched(code, stop, proc.pid, output, log_path, duration)
+
+
+@job_kind(KIND, params=ProcessRun)
+def run_process(ctx: JobContext, params: ProcessRun) -> dict:
+    """Run a program (argv list) with a cwd, env additions and a timeout; log its output."""
+    ctx.progress(0.0, stage="starting", message=" ".join(params.argv)[:MESSAGE_MAX_CHARS])
+    executable = resolve_executable(params.argv[0], params.cwd, params.env)
+    pattern = progress_pattern(params.progress_regex) if params.progress_regex else None
+    ctx.progress(None, stage="running")
+    done = watch(
+        ctx, params.argv, executable=executable, cwd=params.cwd, env=params.env,
+        timeout_s=params.timeout_s, grace_s=params.grace_s, pattern=pattern,
+    )
+    if done.stop == "cancel":
+        raise JobCancelled(
+            f"process {params.argv[0]!r} (pid {done.pid}) was stopped: job cancelled"
+        )
+    if done.stop == "timeout":
         raise ProcessTimeout(
             f"process {params.argv[0]!r} timed out after {params.timeout_s:g} s (timeout_s); "
-            f"its process tree was stopped. Log: {log_path}"
+            f"its process tree was stopped. Log: {done.log_path}"
         )
-    if code != 0:
-        raise ProcessFailed(_failure_message(params.argv[0], code, output, log_path), code)
-    ctx.log.info("process finished", pid=proc.pid, duration_s=round(duration, 3))
-    return {"exit_code": code, "log": str(log_path), "duration_s": round(duration, 3)}
+    if done.code != 0:
+        raise ProcessFailed(
+            failure_message(params.argv[0], done.code, done.output, done.log_path), done.code
+        )
+    ctx.log.info("process finished", pid=done.pid, duration_s=round(done.duration_s, 3))
+    return {"exit_code": done.code, "log": str(done.log_path), "duration_s": round(done.duration_s, 3)}
 
 
-def _publish(ctx: JobContext, output: _Output, published: int) -> int:
-    """Pass new output to the job's progress; called at most every POLL_S by the handler,
-    which is what keeps a flood of output from flooding the UI."""
-    version, fraction, line = output.snapshot()
-    if version != published:
-        ctx.progress(fraction, message=line)
-    return version
-
-
-def _failure_message(program: str, code: int, output: _Output, log_path: Path) -> str:
+def failure_message(program: str, code: int, output: _Output, log_path: Path) -> str:
+    """The error of a failed run: how it ended, the last lines of stderr, the log."""
     if code < 0 and _POSIX:
         try:
             how = f"was killed by signal {signal.Signals(-code).name}"

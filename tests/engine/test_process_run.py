@@ -370,10 +370,11 @@ def test_huge_output_no_deadlock_bounded_memory(engine, tmp_path):
         ({"argv": [PY], "timeout_s": 0}, "timeout_s"),
         ({"argv": [PY], "env": {"A=B": "x"}}, "invalid environment variable"),
         ({}, "argv"),
+        ({"argv": [PY], "time_out": 5}, "time_out"),
     ],
     ids=["missing-exe", "missing-path", "missing-cwd", "bad-regex", "regex-no-group",
          "regex-no-total", "shell-string", "empty-argv", "empty-program", "zero-timeout",
-         "bad-env", "no-argv"],
+         "bad-env", "no-argv", "misspelt-param"],
 )
 def test_bad_params_rejected_at_submit(engine, params, expected):
     with pytest.raises(InvalidParams, match="process.run") as caught:

@@ -1,0 +1,182 @@
+"""Runs inside the background Blender that ``blender.render`` starts.
+
+Not imported by the add-on: Blender runs this file with ``--python`` (or a Python
+that has the ``bpy`` module runs it directly, with ``"open": true`` so it opens
+the .blend itself). Its one argument, after ``--``, is a JSON object made by
+``render.driver_args``. It talks back through stdout lines that start with
+``TASKQUEUE `` followed by a JSON object with an ``event``:
+
+* ``plan``: the frames it will render, the scene, the engine, the file extension;
+* ``skip``: a frame whose file already exists and is kept (resume, no overwrite);
+* ``frame``: a frame starts (``index`` of ``total``);
+* ``saved``: a frame's file is complete on disk;
+* ``error``: what went wrong (then the process exits with code 3).
+
+Every frame is saved to a hidden temporary name and renamed into place, so a
+file with a frame's final name is always complete: that is what makes resuming
+from the first missing frame safe after a crash.
+
+Runs on Blender's own Python (3.10 in Blender 3.4): standard library only, and
+nothing newer than 3.10.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+TAG = "TASKQUEUE "
+ERROR_EXIT = 3
+ORPHAN_EXIT = 4
+
+
+def emit(event, **data):
+    data["event"] = event
+    sys.stdout.write(TAG + json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+class Refused(Exception):
+    """A problem with the file or the params, reported without a traceback."""
+
+
+def frame_path(out, prefix, frame, ext):
+    return os.path.join(out, "%s%04d%s" % (prefix, frame, ext))
+
+
+def setup(bpy, args):
+    if args.get("open"):
+        bpy.ops.wm.open_mainfile(filepath=args["blend_file"], load_ui=False)
+    if args.get("scene"):
+        scene = bpy.data.scenes.get(args["scene"])
+        if scene is None:
+            names = ", ".join(repr(s.name) for s in bpy.data.scenes)
+            raise Refused("the file has no scene named %r (it has %s)" % (args["scene"], names))
+    else:
+        scene = bpy.context.scene
+    render = scene.render
+    if args.get("engine"):
+        try:
+            render.engine = args["engine"]
+        except TypeError:
+            raise Refused(
+                "render engine %r is not available in this Blender (%s)"
+                % (args["engine"], bpy.app.version_string)
+            ) from None
+    settings = render.image_settings
+    if args.get("format"):
+        if hasattr(settings, "media_type"):  # Blender 5.0+: still images, not video
+            try:
+                multilayer = args["format"] == "OPEN_EXR_MULTILAYER"
+                settings.media_type = "MULTI_LAYER_IMAGE" if multilayer else "IMAGE"
+            except (TypeError, AttributeError):
+                pass
+        try:
+            settings.file_format = args["format"]
+        except TypeError:
+            raise Refused(
+                "image format %r is not available in this Blender" % args["format"]
+            ) from None
+    elif render.is_movie_format:
+        raise Refused(
+            "the scene renders to a movie (%s); blender.render writes one image per "
+            "frame so it can resume: pass a format such as 'PNG'" % settings.file_format
+        )
+    if args.get("resolution_percentage"):
+        render.resolution_percentage = args["resolution_percentage"]
+    if args.get("samples"):
+        if render.engine == "CYCLES":
+            scene.cycles.samples = args["samples"]
+        elif hasattr(scene, "eevee"):
+            scene.eevee.taa_render_samples = args["samples"]
+    return scene
+
+
+def plan(scene, args):
+    if args.get("frames"):
+        return list(args["frames"])
+    start = args.get("frame_start")
+    end = args.get("frame_end")
+    start = scene.frame_start if start is None else start
+    end = scene.frame_end if end is None else end
+    step = args.get("frame_step") or scene.frame_step or 1
+    if end < start:
+        raise Refused("the frame range is empty (start %d, end %d)" % (start, end))
+    return list(range(start, end + 1, step))
+
+
+def orphaned(parent):
+    """True once the process that started this one is gone (we were re-parented)."""
+    return parent is not None and os.getppid() != parent
+
+
+def watch_parent(parent):
+    """Exit as soon as the parent dies: a crashed Blender must not leave a render
+    running that the resumed job would then race. Checked between frames too, in
+    case Blender holds Python's lock for the whole of a frame."""
+    import threading
+    import time
+
+    def loop():
+        while True:
+            time.sleep(0.2)
+            if orphaned(parent):
+                os._exit(ORPHAN_EXIT)
+
+    threading.Thread(target=loop, name="taskqueue-parent-watch", daemon=True).start()
+
+
+def main():
+    args = json.loads(sys.argv[sys.argv.index("--") + 1])
+    parent = args.get("parent_pid")
+    watch_parent(parent)
+    import bpy
+
+    scene = setup(bpy, args)
+    frames = plan(scene, args)
+    out = args["output_dir"]
+    prefix = args.get("file_prefix", "frame_")
+    ext = scene.render.file_extension
+    os.makedirs(out, exist_ok=True)
+    emit(
+        "plan", frames=frames, scene=scene.name, engine=scene.render.engine, ext=ext,
+        output_dir=out, blender=bpy.app.version_string,
+    )
+    since = args.get("since")
+    total = len(frames)
+    for index, frame in enumerate(frames, 1):
+        if orphaned(parent):
+            os._exit(ORPHAN_EXIT)
+        final = frame_path(out, prefix, frame, ext)
+        if os.path.exists(final):
+            keep = not args.get("overwrite", True)
+            if since is not None and os.path.getmtime(final) >= since:
+                keep = True  # this job wrote it before it was interrupted
+            if keep:
+                emit("skip", frame=frame, index=index, total=total, path=final)
+                continue
+        emit("frame", frame=frame, index=index, total=total)
+        scene.frame_set(frame)
+        bpy.ops.render.render(scene=scene.name)
+        partial = os.path.join(out, ".%s%04d.partial%s" % (prefix, frame, ext))
+        bpy.data.images["Render Result"].save_render(partial, scene=scene)
+        os.replace(partial, final)
+        emit("saved", frame=frame, index=index, total=total, path=final)
+    emit("done", frames=total)
+
+
+def run():
+    try:
+        main()
+    except Refused as exc:
+        emit("error", message=str(exc))
+        sys.stdout.flush()
+        os._exit(ERROR_EXIT)
+    except BaseException as exc:  # noqa: BLE001 - report anything, then fail the process
+        emit("error", message="%s: %s" % (type(exc).__name__, exc), traceback=traceback.format_exc())
+        sys.stdout.flush()
+        os._exit(ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    run()
