@@ -334,7 +334,101 @@ class TASKQUEUE_OT_submit_demo(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def open_path(path: str) -> None:
+    """Show ``path`` in the system's file browser or text viewer (tests replace this)."""
+    bpy.ops.wm.path_open(filepath=path)
+
+
+class TASKQUEUE_OT_open_output(_JobOperator, bpy.types.Operator):
+    """Open the job's output folder, or its log, with the system's file browser"""
+
+    bl_idname = "taskqueue.open_output"
+    bl_label = "Open Job Output"
+
+    what: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        name="What",
+        items=[("FOLDER", "Output Folder", "The folder the job wrote to"),
+               ("LOG", "Log", "The job's output log")],
+        default="FOLDER", options={"SKIP_SAVE"},
+    )
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        from . import background
+
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        engine = runtime.engine()
+        if self.what == "LOG":
+            path = background.log_path(engine, info)
+            missing = f"'{info.label}' has no log (it ran no external program)"
+        else:
+            path = background.output_dir(engine, info)
+            missing = f"'{info.label}' has no output folder yet"
+        if path is None:
+            self.report({"ERROR"}, missing)
+            return {"CANCELLED"}
+        open_path(str(path))
+        self.report({"INFO"}, f"Opened {path}")
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_render_in_background(bpy.types.Operator):
+    """Save a copy of this file and render it in a background Blender: this one stays free"""
+
+    bl_idname = "taskqueue.render_in_background"
+    bl_label = "Render in Background"
+
+    frames: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        name="Frames",
+        items=[("RANGE", "Scene Range", "The scene's frame range"),
+               ("CURRENT", "Current Frame", "Only the current frame")],
+        default="RANGE",
+    )
+    format: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        name="Format",
+        items=[("PNG", "PNG", ""), ("JPEG", "JPEG", ""), ("OPEN_EXR", "OpenEXR", ""),
+               ("TIFF", "TIFF", "")],
+        default="PNG",
+    )
+    priority: bpy.props.EnumProperty(  # type: ignore[valid-type]
+        name="Priority",
+        items=[("urgent", "Urgent", ""), ("high", "High", ""), ("normal", "Normal", ""),
+               ("low", "Low", "")],
+        default="normal",
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return api.shared_engine_or_none() is not None and context.scene is not None
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        return context.window_manager.invoke_props_dialog(self)  # type: ignore[union-attr, return-value]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        from . import background
+
+        scene = context.scene
+        if scene is None:
+            self.report({"ERROR"}, "No scene to render")
+            return {"CANCELLED"}
+        frame = scene.frame_current if self.frames == "CURRENT" else None
+        try:
+            job = background.render_current_file(
+                frame=frame, scene=scene.name, format=self.format, priority=self.priority,
+            )
+        except (TaskQueueError, ValueError, RuntimeError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        runtime.select(job)
+        runtime.poke()
+        self.report({"INFO"}, f"Queued a background render of '{scene.name}'")
+        return {"FINISHED"}
+
+
 classes = (
+    TASKQUEUE_OT_open_output,
+    TASKQUEUE_OT_render_in_background,
     TASKQUEUE_OT_cancel,
     TASKQUEUE_OT_retry,
     TASKQUEUE_OT_retry_with_changes,

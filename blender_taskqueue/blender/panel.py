@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import textwrap
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import bpy
 
 from ..engine import JobInfo, JobState
-from . import runtime
+from ..kinds import render
+from . import background, runtime
 
 _S = JobState
 STATE_ICONS = {
@@ -193,6 +195,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
             box.label(text="import blender_taskqueue")
             box.label(text="    as tq")
             box.operator("taskqueue.submit_demo", icon="ADD")
+            layout.operator("taskqueue.render_in_background", icon="RENDER_ANIMATION")
             return
         row = layout.row(align=True)
         row.prop(state, "filter_state", text="")
@@ -210,6 +213,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
         if stats is not None and stats.held:
             row.operator("taskqueue.release", text=f"Release {stats.held} Held", icon="PLAY")
         row.operator("taskqueue.clear_finished", text="Clear Finished", icon="TRASH")
+        layout.operator("taskqueue.render_in_background", icon="RENDER_ANIMATION")
 
     @staticmethod
     def _draw_counts(layout: Any, stats: Any) -> None:
@@ -323,6 +327,8 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             box = layout.box()
             box.label(text="Partial result", icon="CHECKMARK")
             _result_lines(box, info.partial_result)
+        if pump is not None:
+            _output(layout, pump.engine, info)
         row = layout.row(align=True)
         if info.state.is_terminal:
             col = layout.column(align=True)
@@ -339,9 +345,36 @@ def _result_lines(layout: Any, result: Any) -> None:
     col = layout.column(align=True)
     if isinstance(result, dict):
         for key, value in list(result.items())[:8]:
+            if isinstance(value, list) and len(value) > 1:
+                # A list of files says most in its count and its last entry.
+                last = value[-1]
+                last = Path(last).name if isinstance(last, str) else last
+                value = f"{len(value)} items, last {last}"
             col.label(text=f"{key}: {value}"[:80])
     else:
         _wrapped(col, repr(result), limit=4)
+
+
+def _output(layout: Any, engine: Any, info: Any) -> None:
+    """The last lines a job's program printed, and buttons to its log and folder."""
+    log = background.log_path(engine, info)
+    folder = background.output_dir(engine, info) if log is not None or info.kind == render.KIND else None
+    if log is None and folder is None:
+        return
+    box = layout.box()
+    box.label(text="Output", icon="CONSOLE")
+    if log is not None:
+        col = box.column(align=True)
+        col.scale_y = 0.8
+        for line in background.tail(log):
+            col.label(text=line[:200])  # Blender elides the middle of a long label
+    row = box.row(align=True)
+    if folder is not None:
+        op = row.operator("taskqueue.open_output", text="Folder", icon="FILE_FOLDER")
+        op.job_id, op.what = info.id, "FOLDER"
+    if log is not None:
+        op = row.operator("taskqueue.open_output", text="Log", icon="TEXT")
+        op.job_id, op.what = info.id, "LOG"
 
 
 classes = (TASKQUEUE_UL_jobs, VIEW3D_PT_taskqueue, VIEW3D_PT_taskqueue_details)

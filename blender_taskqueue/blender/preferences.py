@@ -30,6 +30,7 @@ def preferences(context: Optional[Any] = None) -> Optional["TASKQUEUE_AddonPrefe
 
 
 def _apply(self: "TASKQUEUE_AddonPreferences", context: Any) -> None:
+    self.apply_addon_settings()
     engine = api.shared_engine_or_none()
     if engine is None:
         return
@@ -78,6 +79,19 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         "Used from the next start",
         subtype="DIR_PATH", default="",
     )
+    blender_path: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Blender for Renders",
+        description="The Blender that background renders run (empty: this Blender)",
+        subtype="FILE_PATH", default="", update=_apply,
+    )
+    refresh_hz: bpy.props.IntProperty(  # type: ignore[valid-type]
+        name="Progress Refresh (Hz)",
+        description=(
+            "How often the panel redraws for progress alone; state changes always show at "
+            "once. Lower it if the viewport stutters while jobs run (software drawing)"
+        ),
+        default=10, min=1, max=10, update=_apply,
+    )
     log_level: bpy.props.EnumProperty(  # type: ignore[valid-type]
         name="Log Level",
         items=[(x, x.title(), f"Log {x.lower()} and above") for x in ("DEBUG", "INFO", "WARNING", "ERROR")],
@@ -95,6 +109,17 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
             "auto_resume": bool(self.auto_resume),
             "log_level": str(self.log_level),
         }
+
+    def apply_addon_settings(self) -> None:
+        """The settings that belong to the add-on, not the engine: the Blender that
+        renders, and the panel's refresh rate."""
+        from ..kinds import render
+        from . import runtime
+
+        render.set_default_blender(bpy.path.abspath(self.blender_path) if self.blender_path else None)
+        pump = runtime.pump()
+        if pump is not None:
+            pump.progress_interval_s = 1.0 / max(1, int(self.refresh_hz))
 
     def engine_config(self) -> EngineConfig:
         state = Path(bpy.path.abspath(self.state_dir)) if self.state_dir else default_state_dir()
@@ -116,6 +141,10 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         engine = api.shared_engine_or_none()
         if engine is not None and engine.sidecar_path is not None:
             col.label(text=f"Now: {engine.sidecar_path.parent}", icon="FILE_FOLDER")
+        col = layout.column(heading="Panel")
+        col.prop(self, "refresh_hz")
+        col = layout.column(heading="Renders")
+        col.prop(self, "blender_path")
         layout.prop(self, "log_level")
         if engine is not None and engine.log_path is not None:
             layout.label(text=f"Log: {engine.log_path}", icon="TEXT")

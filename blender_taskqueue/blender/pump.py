@@ -77,6 +77,11 @@ class Pump:
         self._since = time.time()  # jobs that finished before this pump began are history
         self._unreported: list[tuple[str, str]] = []  # (level, message) for the status bar
         self._notified_at = 0.0
+        # A change of progress alone redraws at most this often; anything else at once.
+        self.progress_interval_s = ACTIVE_INTERVAL_S
+        self._redrawn_at = 0.0
+        self._redraw_due = False
+        self.redraws = 0
         self.ticks = 0
         self.tick_times: collections.deque[float] = collections.deque(maxlen=2000)
         # CPU time of the tick itself; wall time also holds waits for the GIL.
@@ -109,6 +114,7 @@ class Pump:
         mirror = self.mirror
         self.online_access = bool(getattr(bpy.app, "online_access", True))
         changed = False
+        urgent = False  # more than progress changed: show it now, not at the progress rate
         finished: list[JobInfo] = []
         resync = False
         for event in engine.drain_events():
@@ -116,6 +122,8 @@ class Pump:
                 previous = mirror.infos.get(event.info.id)
                 mirror.infos[event.info.id] = event.info
                 changed = True
+                if event.type != "progress":
+                    urgent = True
                 if (
                     event.type == "state"
                     and event.info.state.is_terminal
@@ -128,13 +136,13 @@ class Pump:
                     resync = True
                 elif event.message and event.level != "info":  # pause/resume show in the counts
                     mirror.notices.append((time.time(), event.level, event.message))
-                    changed = True
+                    changed = urgent = True
         if resync or engine.order_version != self._order_version:
             self._order_version = engine.order_version
             infos = engine.jobs()
             mirror.infos = {i.id: i for i in infos}
             mirror.order = [i.id for i in infos[:MAX_ROWS]]
-            changed = True
+            changed = urgent = True
         engine.run_main_calls(MAIN_CALL_BUDGET_S)
         now = time.monotonic()
         if changed or now - self._stats_at >= STATS_EVERY_S or mirror.stats is None:
@@ -146,6 +154,13 @@ class Pump:
         if changed:
             mirror.version += 1
             self._sync_rows()
+            self._redraw_due = True
+        # Every sidebar redraw costs Blender a full draw of the region (40-50 ms with
+        # software OpenGL), so progress alone redraws at the preference's rate.
+        if self._redraw_due and (urgent or now - self._redrawn_at >= self.progress_interval_s - 0.01):
+            self._redraw_due = False
+            self._redrawn_at = now
+            self.redraws += 1
             self._tag_redraw()
         if finished:
             self._notify(finished, now)
@@ -156,7 +171,8 @@ class Pump:
         self.tick_cpu.append(time.thread_time() - cpu_started)
         stats = mirror.stats
         busy = stats is not None and (stats.running or (stats.queued - stats.held and not stats.paused))
-        return ACTIVE_INTERVAL_S if busy or engine.pending_main_calls else IDLE_INTERVAL_S
+        active = busy or engine.pending_main_calls or self._redraw_due
+        return ACTIVE_INTERVAL_S if active else IDLE_INTERVAL_S
 
     # ---- the WindowManager rows
 
@@ -206,6 +222,9 @@ class Pump:
         wm = bpy.context.window_manager
         if wm is not None and hasattr(wm, "taskqueue"):
             self._index_seen = wm.taskqueue.active_index  # type: ignore[attr-defined]
+            if job_id in self.mirror.order:  # already listed: no tick would move the selection
+                self._sync_rows()
+                self._tag_redraw()
 
     def clear_rows(self) -> None:
         wm = bpy.context.window_manager

@@ -68,6 +68,8 @@ def start() -> None:
     eng.main_tick = _pump.tick
     shared().pump = _pump.tick
     _pump.start()
+    if prefs is not None:
+        prefs.apply_addon_settings()
     package = sys.modules[preferences.BASE_PACKAGE]
     if sys.modules.setdefault(CONSOLE_NAME, package) is package:
         _alias = package
@@ -86,6 +88,9 @@ def stop() -> None:
             shared().pump = None
         pump_.engine.main_tick = None
         pump_.engine.submit_check = None
+    from ..kinds import render
+
+    render.set_default_blender(None)
     owned, _owned = _owned, None
     if owned is not None:
         atexit.unregister(_shutdown_at_exit)

@@ -307,6 +307,13 @@ def scenario_surface() -> dict[str, Any]:
     live["log_level"] = eng.config.log_level
     p.max_memory_mb = 4096
     live["max_memory_mb"] = eng.config.max_memory_mb
+    p.refresh_hz = 4
+    live["progress_interval_s"] = pump().progress_interval_s
+    p.refresh_hz = 10
+    p.blender_path = "/opt/blender-for-renders/blender"
+    live["render_blender"] = sub("kinds.render")._default_blender
+    p.blender_path = ""
+    live["render_blender_cleared"] = sub("kinds.render")._default_blender
     p.max_queued = 2
     live["max_queued"] = eng.config.max_queued
     tq.pause()
@@ -862,8 +869,28 @@ def scenario_pump() -> dict[str, Any]:
     out["flood_stats"] = p.tick_stats_ms()
     out["flood_progress_calls"] = counter[0]
     out["flood_running_seen"] = p.mirror.stats.running if p.mirror.stats else None
+
+    # A lower refresh rate: progress alone redraws at most that often...
+    p.progress_interval_s = 0.5
+    p.tick()
+    before, t0 = p.redraws, time.monotonic()
+    ticks = 0
+    while time.monotonic() - t0 < 1.2:  # the throttle is about time: tick for 1.2 s
+        ticks += 1
+        with cond:
+            target = counter[0] + batch
+            if not cond.wait_for(lambda target=target: counter[0] >= target, timeout=WAIT_S):
+                raise TimeoutError("the flood jobs stopped reporting progress")
+        p.tick()
+    out["throttled"] = {"redraws": p.redraws - before, "seconds": time.monotonic() - t0, "ticks": ticks}
+    # ... but a state change shows at once.
+    before = p.redraws
+    quick = tq.submit("demo.render", {"frames": 1, "seconds_per_frame": 0}, label="state change")
+    p.tick()
+    out["urgent_redraws"] = p.redraws - before
+    p.progress_interval_s = 0.1
     gate.set()
-    out["flood_waited"] = tq.wait(flood_ids, timeout=WAIT_S)
+    out["flood_waited"] = tq.wait([*flood_ids, quick], timeout=WAIT_S)
     out["after_flood_returns"] = [p.tick() for _ in range(2)]
     out["main_calls_left"] = eng.pending_main_calls
     return out
@@ -945,6 +972,73 @@ def scenario_online() -> dict[str, Any]:
     out["bpy_online_access_off"] = bool(bpy.app.online_access)
     out["pump_online_access_off"] = p.online_access
     out["net_off_again"] = try_submit("t.net")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 9. render the open file in the background, and the job's output in the panel
+
+
+def scenario_background_render(folder: str) -> dict[str, Any]:
+    boot()
+    out: dict[str, Any] = {}
+    scene = bpy.context.scene
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.frame_start, scene.frame_end, scene.frame_current = 1, 3, 2
+    user_file = os.path.join(folder, "user.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=user_file)
+    bpy.ops.mesh.primitive_monkey_add()  # an unsaved change the copy must carry
+    out["dirty_before"] = bpy.data.is_dirty
+    out["user_file_mtime"] = os.path.getmtime(user_file)
+    background = sub("blender.background")
+    operators = sub("blender.operators")
+    opened: list[str] = []
+    operators.open_path = opened.append  # no file browser in a test
+
+    out["op_range"] = op(bpy.ops.taskqueue.render_in_background, frames="RANGE", format="PNG")
+    job = runtime().selected_job_id()
+    out["op_current"] = op(bpy.ops.taskqueue.render_in_background, frames="CURRENT", format="JPEG",
+                           priority="high")
+    current = runtime().selected_job_id()
+    out["waited"] = tq.wait([job, current], timeout=120)
+    out["range"], out["current"] = info(job), info(current)
+    copy = out["range"]["params"]["blend_file"]
+    out["copy_exists"] = os.path.isfile(copy)
+    out["work_dir"] = str(tq.engine().workdir_for(job).parent)
+    # The copy holds the unsaved monkey; the user's file and its state are untouched.
+    out["filepath_after"] = bpy.data.filepath
+    out["dirty_after"] = bpy.data.is_dirty
+    out["user_file_mtime_after"] = os.path.getmtime(user_file)
+    out["files_exist"] = [os.path.isfile(f) for f in (out["range"]["result"] or {}).get("files", [])]
+    out["memory_mb"] = tq.get(job).memory_mb
+    out["estimate"] = background.estimate_memory_mb(scene)
+
+    # The details' output: the log's last lines, and the buttons' targets.
+    i = tq.get(job)
+    log = background.log_path(tq.engine(), i)
+    out["log"] = str(log) if log else None
+    out["tail"] = background.tail(log) if log else []
+    out["output_dir"] = str(background.output_dir(tq.engine(), i))
+    out["open_folder"] = op(bpy.ops.taskqueue.open_output, job_id=job, what="FOLDER")
+    out["open_log"] = op(bpy.ops.taskqueue.open_output, job_id=job, what="LOG")
+    plain = tq.submit("demo.render", {"frames": 1, "seconds_per_frame": 0}, label="no program")
+    tq.wait([plain], timeout=WAIT_S)
+    out["open_log_plain"] = op(bpy.ops.taskqueue.open_output, job_id=plain, what="LOG")
+    out["opened"] = opened
+
+    # Bad input: a scene that does not exist, a bad memory_mb; nothing queued, no copy left.
+    before = len(tq.jobs())
+    copies = sorted(os.listdir(tq.engine().workdir_for("copies")))
+    for name, kwargs in {"bad_scene": {"scene": "Nope"}, "bad_memory": {"memory_mb": "lots"},
+                         "bad_format": {"format": "GIF"}}.items():
+        try:
+            background.render_current_file(**kwargs)
+            out[name] = "accepted"
+        except Exception as exc:  # noqa: BLE001
+            out[name] = f"{type(exc).__name__}: {exc}"
+    out["queued_after_bad"] = len(tq.jobs()) - before
+    out["copies_after_bad"] = sorted(os.listdir(tq.engine().workdir_for("copies"))) == copies
     return out
 
 

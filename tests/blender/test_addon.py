@@ -28,6 +28,7 @@ MODULE = "bl_ext.user_default.blender_taskqueue"
 OPERATORS = {
     "cancel", "retry", "retry_with_changes", "move", "release", "discard_held", "dismiss_notice",
     "clear_finished", "pause", "resume", "show_traceback", "notify", "submit_demo",
+    "open_output", "render_in_background",
 }
 ACTIVE_S = 0.1
 IDLE_S = 0.5
@@ -70,6 +71,8 @@ def test_preferences_class_and_ranges(surface: dict[str, Any]) -> None:
     assert prefs["min_free_memory_mb"]["default"] == 1024 and prefs["max_memory_mb"]["default"] == 0
     assert prefs["auto_resume"] == {"type": "BOOLEAN", "default": True, "value": True}
     assert prefs["state_dir"] == {"type": "STRING", "default": "", "subtype": "DIR_PATH", "value": ""}
+    assert prefs["blender_path"] == {"type": "STRING", "default": "", "subtype": "FILE_PATH", "value": ""}
+    assert prefs["refresh_hz"] == {"type": "INT", "default": 10, "min": 1, "max": 10, "value": 10}
     assert prefs["log_level"]["items"] == ["DEBUG", "INFO", "WARNING", "ERROR"]
     assert prefs["log_level"]["default"] == "INFO"
     # The engine starts from the preferences (0 MB means "no limit").
@@ -89,6 +92,9 @@ def test_preferences_apply_live(surface: dict[str, Any]) -> None:
     assert live["log_level"] == "DEBUG"
     assert live["min_free_memory_mb_0"] is None and live["max_memory_mb"] == 4096
     assert live["max_queued"] == 2 and live["third_submit"].startswith("QueueFull:")
+    assert live["progress_interval_s"] == 0.25, "Progress Refresh 4 Hz redraws progress every 0.25 s"
+    assert live["render_blender"] == "/opt/blender-for-renders/blender"
+    assert live["render_blender_cleared"] is None
 
 
 def test_queue_and_log_live_in_the_user_state_folder(surface: dict[str, Any]) -> None:
@@ -486,6 +492,11 @@ def test_pump_tick_cost_and_interval(scenario: Scenario, capsys: Any) -> None:
     assert report["held_only_returns"] == [IDLE_S], "held jobs alone keep the pump idle"
     assert report["flood_running_seen"] == 8
     assert report["flood_returns"] == [ACTIVE_S] and report["flood_stats"]["ticks"] == 150
+    throttled = report["throttled"]
+    assert 1 <= throttled["redraws"] <= throttled["seconds"] / 0.5 + 1, (
+        f"progress alone redraws at most every 0.5 s at 2 Hz: {throttled}"
+    )
+    assert report["urgent_redraws"] == 1, "a state change redraws at once, whatever the rate"
     assert report["flood_waited"] and report["after_flood_returns"] == [IDLE_S, IDLE_S]
     assert report["main_calls_left"] == 0
 
@@ -533,3 +544,55 @@ def test_network_kinds_respect_online_access(scenario: Scenario) -> None:
     assert report["net_online"]["result"] == "fetched"
     assert report["bpy_online_access_off"] is False and report["pump_online_access_off"] is False
     assert report["net_off_again"]["is_not_permitted"]
+
+
+# ---------------------------------------------------------------------------
+# 9. render the open file in the background
+
+
+@pytest.fixture(scope="module")
+def background_render(scenario: Scenario, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return scenario("background_render", str(tmp_path_factory.mktemp("user")), timeout=240.0)
+
+
+def test_render_in_background_renders_a_copy(background_render: dict[str, Any]) -> None:
+    r = background_render
+    assert ok(r["op_range"]) and ok(r["op_current"]) and r["waited"]
+    rng, cur = r["range"], r["current"]
+    assert rng["state"] == "completed", rng["error"]
+    assert rng["kind"] == "blender.render" and rng["label"].startswith("Render user (frames 1-3)")
+    assert rng["result"]["frames"] == [1, 2, 3] and r["files_exist"] == [True, True, True]
+    assert rng["result"]["engine"] == "BLENDER_WORKBENCH"
+    assert rng["result"]["blender"].startswith("5.0"), "the bpy module renders with itself"
+    assert cur["state"] == "completed", cur["error"]
+    assert cur["result"]["frames"] == [2] and cur["result"]["files"][0].endswith("frame_0002.jpg")
+    assert cur["priority"] < rng["priority"], "the dialog's priority is used"
+    # A copy was rendered; the user's file, path and unsaved state are untouched.
+    assert r["copy_exists"] and Path(rng["params"]["blend_file"]).parent == Path(r["work_dir"]) / "copies"
+    assert r["filepath_after"].endswith("user.blend")
+    assert r["dirty_before"] and r["dirty_after"]
+    assert r["user_file_mtime_after"] == r["user_file_mtime"]
+
+
+def test_background_render_reserves_its_memory_estimate(background_render: dict[str, Any]) -> None:
+    r = background_render
+    assert r["memory_mb"] is not None and r["memory_mb"] > 50, "Blender's own memory at the least"
+    assert abs(r["memory_mb"] - r["estimate"]) < 200
+
+
+def test_details_show_output_and_open_folder_and_log(background_render: dict[str, Any]) -> None:
+    r = background_render
+    assert r["log"] and r["log"].endswith("output.log")
+    assert r["tail"] and any('"event": "done"' in line for line in r["tail"]), r["tail"]
+    assert ok(r["open_folder"]) and ok(r["open_log"])
+    assert r["opened"] == [r["output_dir"], r["log"]]
+    assert r["output_dir"] == r["range"]["result"]["output_dir"]
+    assert "has no log" in error_of(r["open_log_plain"])
+
+
+def test_render_in_background_refuses_bad_input(background_render: dict[str, Any]) -> None:
+    r = background_render
+    assert r["bad_scene"].startswith("ValueError: no scene named 'Nope'")
+    assert r["bad_memory"].startswith("ValueError: memory_mb must be 'auto'")
+    assert r["bad_format"].startswith("InvalidParams:") and "format" in r["bad_format"]
+    assert r["queued_after_bad"] == 0 and r["copies_after_bad"], "no job and no copy left by bad input"
