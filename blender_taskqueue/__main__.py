@@ -6,6 +6,7 @@ Headless and bpy-free: it shows what the panel shows, in the terminal.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,13 +47,59 @@ def _row(info: JobInfo) -> str:
     )
 
 
+_SCENE_SCRIPT = (
+    "import bpy, sys\n"
+    "s = bpy.context.scene\n"
+    "s.render.resolution_x, s.render.resolution_y = 160, 90\n"
+    "s.frame_start, s.frame_end = 1, 8\n"
+    "s.render.engine = 'BLENDER_WORKBENCH'\n"
+    "bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])\n"
+)
+
+
+def _short(result: object) -> object:
+    """A result for one terminal line: long lists as a count and their ends."""
+    if not isinstance(result, dict):
+        return result
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, list) and len(value) > 3:
+            first, last = (Path(v).name if isinstance(v, str) else v for v in (value[0], value[-1]))
+            value = f"{len(value)} ({first} … {last})"
+        out[key] = value
+    return out
+
+
+def _demo_scene(folder: Path) -> Optional[Path]:
+    """A tiny saved scene for the demo's background render, made by the Blender that
+    will render it; None (and a note) when there is no Blender to render with."""
+    from .kinds import render
+
+    try:
+        blender = render.find_blender()
+    except ValueError as exc:
+        print(f"(no background render in this demo: {exc})")
+        return None
+    path = folder / "demo-scene.blend"
+    try:
+        subprocess.run(
+            [blender, "-b", "--factory-startup", "--python-expr", _SCENE_SCRIPT, "--", str(path)],
+            check=True, capture_output=True, timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"(no background render in this demo: {blender} could not save a scene: {exc})")
+        return None
+    return path
+
+
 def demo(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m blender_taskqueue demo")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--state-dir", type=Path, default=None, help="keep the queue here")
     args = parser.parse_args(argv)
 
-    from .kinds.demo import DEMO_BATCH  # importing registers the demo.* kinds
+    from .kinds import process, render  # noqa: F401  (registers process.run, blender.render)
+    from .kinds.demo import DEMO_BATCH, external_jobs  # importing registers the demo.* kinds
 
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="taskqueue-demo-"))
     engine = Engine(
@@ -61,6 +108,13 @@ def demo(argv: Optional[list[str]] = None) -> int:
     )
     engine.start()
     ids = engine.submit_many(DEMO_BATCH)
+    ids += engine.submit_many(external_jobs(sys.executable))
+    scene = _demo_scene(state_dir)
+    if scene is not None:
+        ids.append(engine.submit(
+            "blender.render", {"blend_file": str(scene), "engine": "BLENDER_WORKBENCH"},
+            label="Background render (Blender)",
+        ))
     cancel_id = ids[5]
     engine.move(ids[7], "top")  # within its band: still runs last, by priority
     tty = sys.stdout.isatty()
@@ -98,7 +152,7 @@ def demo(argv: Optional[list[str]] = None) -> int:
         if info.error:
             print(f"      error: {info.error.type}: {info.error.message} (stage {info.error.stage})")
         if info.result:
-            print(f"      result: {info.result}")
+            print(f"      result: {_short(info.result)}")
     log_path = engine.log_path
     engine.shutdown()
     print(f"\nLog (JSON lines): {log_path}")

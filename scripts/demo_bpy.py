@@ -85,7 +85,7 @@ def phase_main(zip_path: Path, blend: Path) -> int:
     tq = _install(zip_path)
     import bpy
 
-    from bl_ext.user_default.blender_taskqueue.kinds.demo import DEMO_BATCH  # type: ignore
+    from bl_ext.user_default.blender_taskqueue.kinds.demo import DEMO_BATCH, external_jobs  # type: ignore
 
     print(f"Installed the extension into Blender {bpy.app.version_string} (bpy module).")
     print("import blender_taskqueue as tq; tq.submit_many(DEMO_BATCH) ...\n")
@@ -102,6 +102,18 @@ def phase_main(zip_path: Path, blend: Path) -> int:
 
     ids = tq.submit_many(DEMO_BATCH)
     ids.append(tq.submit("demo.add_empties", {"count": 5}, label="Add empties (main thread)"))
+    # Real programs: an external tool (process.run), and this very file rendered by a
+    # background Blender (blender.render) through the panel's "Render in Background".
+    ids += tq.submit_many(external_jobs(sys.executable))
+    scene = bpy.context.scene
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.render.resolution_x, scene.render.resolution_y = 160, 90
+    scene.frame_start, scene.frame_end = 1, 8
+    bpy.ops.taskqueue.render_in_background(frames="RANGE", format="PNG")
+    from bl_ext.user_default.blender_taskqueue.blender import runtime  # type: ignore
+
+    render_id = runtime.selected_job_id()
+    ids.append(render_id)
     turntable = ids[5]
     tty = sys.stdout.isatty()
     started = time.monotonic()
@@ -125,6 +137,11 @@ def phase_main(zip_path: Path, blend: Path) -> int:
     for info in tq.jobs():
         if info.error is not None:
             print(f"  {info.label}: {info.error.type}: {info.error.message} (stage {info.error.stage})")
+    render = tq.get(render_id)
+    if render.result:
+        files = render.result["files"]
+        print(f"\nBackground render (Blender {render.result['blender']}): {len(files)} frames in "
+              f"{render.result['output_dir']}; this Blender stayed free while it ran.")
     made = sorted(o.name for o in bpy.data.objects if o.name.startswith("TQ_Empty_"))
     print(f"\nObjects made on the main thread: {', '.join(made)}")
 

@@ -71,3 +71,26 @@ DEMO_BATCH: list[dict] = [
      "params": {"prompt": "castle on a cliff", "steps": 15}, "priority": "urgent"},
     {"kind": "demo.render", "label": "Preview (low)", "params": {"frames": 8}, "priority": 9},
 ]
+
+
+# A stand-in for an external tool (an encoder, a converter) for ``process.run``:
+# it prints its progress as "NN%" lines, which the job's progress_regex reads.
+_TOOL = (
+    "import sys, time\n"
+    "steps = int(sys.argv[1])\n"
+    "for i in range(steps + 1):\n"
+    "    print(f'encoding chunk {i}/{steps}: {100 * i // steps}%', flush=True)\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+def external_jobs(python: str) -> list[dict]:
+    """Demo jobs that run real programs: ``python`` (an interpreter) stands in for
+    an external tool, so the demo needs nothing that is not already there."""
+    return [
+        {"kind": "process.run", "label": "Encode preview (external tool)",
+         "params": {"argv": [python, "-c", _TOOL, "20"], "progress_regex": r"(?P<percent>\d+)%"}},
+        {"kind": "process.run", "label": "Broken tool (fails)",
+         "params": {"argv": [python, "-c", "import sys; print('reading input.mov'); "
+                             "sys.exit('error: input.mov is not a video file')"]}},
+    ]
