@@ -132,6 +132,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "sidecar_write_ms": ("max", 100.0),
     "adoption_ms": ("max", 500.0),
     "process_overhead_ratio": ("max", 1.5),
+    "render_overhead_ratio": ("max", 1.5),
+    "cancel_stop_ms": ("max", 1000.0),
 }
 
 
@@ -150,6 +152,7 @@ class Sizes:
     pump_interval_s: float
     process_rounds: int  # paired rounds of each process.run command
     process_lines: int  # lines printed by the "many lines" command
+    render_rounds: int  # paired rounds of blender.render against `blender -b -a`
 
 
 FULL = Sizes(
@@ -164,6 +167,7 @@ FULL = Sizes(
     pump_interval_s=0.010,
     process_rounds=5,
     process_lines=100_000,
+    render_rounds=4,
 )
 QUICK = Sizes(
     throughput_jobs=5_000,
@@ -177,6 +181,7 @@ QUICK = Sizes(
     pump_interval_s=0.010,
     process_rounds=2,
     process_lines=100_000,
+    render_rounds=2,
 )
 
 
@@ -938,6 +943,113 @@ class Bench:
         finally:
             engine.shutdown(wait=True, timeout=10.0)
 
+    # ----------------------------------------------------------------------- blender.render
+
+    def blender_render(self, report: Report) -> None:
+        """``blender.render`` against ``blender -b file -a`` for the same frames, and how
+        long a cancel takes to stop a rendering Blender (and ``process.run``'s tree)."""
+        import shutil
+        import subprocess
+
+        from blender_taskqueue.kinds import process as process_kind
+        from blender_taskqueue.kinds import render as render_kind
+
+        blender = shutil.which("blender")
+        if blender is None:
+            report.details["blender_render"] = "skipped: no `blender` on the PATH"
+            return
+        for module in (render_kind, process_kind):
+            if module.KIND not in self.registry:
+                module.register(self.registry)
+        work = self.log_dir / "render-work"
+        work.mkdir(parents=True, exist_ok=True)
+        scene = work / "bench.blend"
+        subprocess.run(
+            [blender, "-b", "--factory-startup", "--python-expr",
+             "import bpy, sys\ns = bpy.context.scene\ns.render.engine = 'BLENDER_WORKBENCH'\n"
+             "s.render.resolution_x, s.render.resolution_y = 320, 180\n"
+             "s.frame_start, s.frame_end = 1, 12\n"
+             "s.cycles.samples = 100000\ns.cycles.use_adaptive_sampling = False\n"
+             "bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])", "--", str(scene)],
+            check=True, capture_output=True, timeout=120,
+        )
+        config = EngineConfig(max_workers=2, log_dir=self.log_dir, console_log=False, work_dir=work)
+        engine = Engine(config, registry=self.registry)
+        engine.start()
+        rounds = self.sizes.render_rounds
+        try:
+            _log(self.quiet, f"blender.render vs blender -b -a: 12 frames ({rounds} rounds)")
+
+            def engine_side(r: int) -> float:
+                t0 = time.perf_counter()
+                job = engine.submit(render_kind.KIND, {"blend_file": str(scene),
+                                                      "output_dir": str(work / f"job{r}")})
+                if not engine.wait([job], timeout=WAIT_TIMEOUT_S):
+                    raise RuntimeError(f"blender.render job {job} did not finish")
+                elapsed = time.perf_counter() - t0
+                info = engine.get(job)
+                if info.state != "completed":
+                    raise RuntimeError(f"blender.render job ended {info.state}: {info.error}")
+                return elapsed
+
+            def raw_side(r: int) -> float:
+                t0 = time.perf_counter()
+                subprocess.run([blender, "-b", str(scene), "-o", str(work / f"raw{r}" / "frame_####"),
+                                "-F", "PNG", "-a"], capture_output=True, check=True)
+                return time.perf_counter() - t0
+
+            raw_side(-1)  # warm the caches (and the shader cache) for both sides
+            eng: list[float] = []
+            raw: list[float] = []
+            for r in range(rounds):
+                pair = (engine_side, raw_side) if r % 2 == 0 else (raw_side, engine_side)
+                for side in pair:
+                    (eng if side is engine_side else raw).append(side(r))
+            report.add(Figure(
+                "blender_render_12_frames_ms", f"blender.render, 12 frames (median of {rounds})", "ms",
+                statistics.median(eng) * 1000, statistics.median(raw) * 1000,
+                target="render_overhead_ratio", note="baseline: blender -b file -a, same frames",
+                paired_ratio=statistics.median([e / b for e, b in zip(eng, raw, strict=True)]),
+            ))
+            report.details["blender_render"] = {
+                "engine_ms": [_round(x * 1000) for x in eng], "raw_ms": [_round(x * 1000) for x in raw],
+            }
+
+            # Cancel: from cancel() to the job's end, every process of its tree stopped.
+            stops: dict[str, list[float]] = {"render": [], "process": []}
+            for r in range(rounds):
+                for what in stops:
+                    if what == "render":
+                        job = engine.submit(render_kind.KIND, {
+                            "blend_file": str(scene), "engine": "CYCLES",
+                            "output_dir": str(work / f"cancel{r}")})
+                        started = lambda job=job: (engine.get(job).stage or "").startswith("frame")  # noqa: E731
+                    else:
+                        job = engine.submit(process_kind.KIND, {"argv": [
+                            sys.executable, "-c",
+                            "import subprocess, sys, time\n"
+                            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                            "print('up', flush=True)\ntime.sleep(60)"]})
+                        started = lambda job=job: engine.get(job).message == "up"  # noqa: E731
+                    deadline = time.monotonic() + 60
+                    while not started():
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{what} job {job} did not start")
+                        time.sleep(0.01)
+                    t0 = time.perf_counter()
+                    engine.cancel(job)
+                    if not engine.wait([job], timeout=30):
+                        raise RuntimeError(f"cancelled {what} job {job} did not stop")
+                    stops[what].append(time.perf_counter() - t0)
+            for what, label in (("render", "blender.render (Cycles, mid-frame)"),
+                                ("process", "process.run (child + grandchild)")):
+                report.add(Figure(
+                    f"cancel_stop_{what}_ms", f"cancel to stopped: {label}, worst of {rounds}", "ms",
+                    max(stops[what]) * 1000, target="cancel_stop_ms",
+                ))
+        finally:
+            engine.shutdown(wait=True, timeout=10.0)
+
     # ----------------------------------------------------------------------- timer
 
     @staticmethod
@@ -1021,6 +1133,9 @@ def report_json(report: Report, elapsed_s: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
+SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark the blender_taskqueue engine against a raw ThreadPoolExecutor."
@@ -1034,6 +1149,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--json-only",
         action="store_true",
         help="print only the JSON line (no table, no progress on stderr)",
+    )
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable); default: all of them",
     )
     return parser.parse_args(argv)
 
@@ -1050,7 +1171,10 @@ def run(args: argparse.Namespace) -> Report:
         ("drain", bench.drain),
         ("sidecar", bench.sidecar),
         ("process_run", bench.process_run),
+        ("blender_render", bench.blender_render),
     ]
+    if args.section:
+        sections = [(name, fn) for name, fn in sections if name in args.section]
     try:
         report.details["timer_overhead_ns"] = bench.timer_overhead_ns()
         for name, section in sections:
