@@ -9,6 +9,7 @@ process, whichever copy of the package a script imported.
 from __future__ import annotations
 
 import atexit
+import sys
 from typing import Any, Callable, Optional, Union
 
 from .engine import Engine, EngineConfig, EngineStats, Event, JobInfo
@@ -146,3 +147,19 @@ def drain_events() -> list[Event]:
 
 def run_main_calls(budget_s: float = MAIN_CALL_BUDGET_S) -> int:
     return engine().run_main_calls(budget_s)
+
+
+def render_current_file(**options: Any) -> str:
+    """In Blender: save a copy of the open file and queue a ``blender.render`` job on
+    it; returns the job id. Takes ``blender.render``'s params (``frame``,
+    ``frame_start``, ``frame_end``, ``scene``, ``output_dir``, ``format``, ...),
+    ``memory_mb`` ("auto" by default) and ``submit``'s options. Needs the add-on
+    enabled; outside Blender, submit ``blender.render`` with a saved file instead."""
+    if "bpy" not in sys.modules:
+        raise RuntimeError(
+            "render_current_file needs Blender (there is no open file here); "
+            "submit 'blender.render' with blend_file=... instead"
+        )
+    from .blender import background
+
+    return background.render_current_file(**options)

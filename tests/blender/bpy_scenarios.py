@@ -1001,8 +1001,9 @@ def scenario_background_render(folder: str) -> dict[str, Any]:
     out["op_current"] = op(bpy.ops.taskqueue.render_in_background, frames="CURRENT", format="JPEG",
                            priority="high")
     current = runtime().selected_job_id()
-    out["waited"] = tq.wait([job, current], timeout=120)
-    out["range"], out["current"] = info(job), info(current)
+    console = tq.render_current_file(frame=1, label="from the console", memory_mb=None)
+    out["waited"] = tq.wait([job, current, console], timeout=120)
+    out["range"], out["current"], out["console"] = info(job), info(current), info(console)
     copy = out["range"]["params"]["blend_file"]
     out["copy_exists"] = os.path.isfile(copy)
     out["work_dir"] = str(tq.engine().workdir_for(job).parent)

@@ -567,6 +567,9 @@ def test_render_in_background_renders_a_copy(background_render: dict[str, Any]) 
     assert cur["state"] == "completed", cur["error"]
     assert cur["result"]["frames"] == [2] and cur["result"]["files"][0].endswith("frame_0002.jpg")
     assert cur["priority"] < rng["priority"], "the dialog's priority is used"
+    console = r["console"]
+    assert console["state"] == "completed" and console["label"] == "from the console", console["error"]
+    assert console["result"]["frames"] == [1] and console["params"]["blend_file"] != rng["params"]["blend_file"]
     # A copy was rendered; the user's file, path and unsaved state are untouched.
     assert r["copy_exists"] and Path(rng["params"]["blend_file"]).parent == Path(r["work_dir"]) / "copies"
     assert r["filepath_after"].endswith("user.blend")

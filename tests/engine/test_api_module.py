@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -214,7 +215,7 @@ def test_job_kind_defaults_to_the_shared_registry():
 def test_public_names_are_exported():
     for name in ("submit", "submit_many", "run", "get", "jobs", "cancel", "retry", "move",
                  "release", "clear_finished", "pause", "resume", "configure", "stats", "wait",
-                 "on_finished", "flush", "drain_events", "run_main_calls", "pump",
+                 "on_finished", "flush", "drain_events", "run_main_calls", "pump", "render_current_file",
                  "set_engine", "engine", "job_kind", "current_context", "Engine",
                  "EngineConfig", "JobState", "JobInfo", "JobError", "JobContext",
                  "JobCancelled", "QueueFull", "EngineClosed", "Event", "EngineStats"):
@@ -238,3 +239,9 @@ def test_jobs_stays_callable_after_builtin_kinds_are_imported() -> None:
     assert callable(tq.jobs) and callable(tq.get) and callable(tq.run)
     for name in tq.__all__:
         assert not isinstance(getattr(tq, name), type(tq)), f"tq.{name} is a module"
+
+
+def test_render_current_file_outside_blender_says_what_to_do(monkeypatch):
+    monkeypatch.delitem(sys.modules, "bpy", raising=False)
+    with pytest.raises(RuntimeError, match="submit 'blender.render' with blend_file"):
+        tq.render_current_file(frame=1)
