@@ -355,3 +355,37 @@ def test_sigkill_mid_range_then_adopt_resumes_without_rerendering(make_engine, r
         assert (after[n].stat().st_ino, after[n].stat().st_mtime_ns) == stamp, f"frame {n} was rendered again"
     log = Path(info.result["log"]).read_text()
     assert "--- attempt 1 resumed ---" in log
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, message: str, **_: object) -> None:
+        self.warnings.append(message)
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.log = _Log()
+
+
+def test_a_leftover_render_is_stopped_only_if_it_is_the_same_process(tmp_path):
+    """A resumed job stops the Blender its crashed run left, named by pid and start
+    time; a pid since reused by another process is left alone."""
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                start_new_session=True)
+    try:
+        started = psutil.Process(leftover.pid).create_time()
+        ctx = _Ctx()
+        render_kind.stop_leftover(ctx, {"pid": leftover.pid, "started": started - 5.0})
+        assert leftover.poll() is None and not ctx.log.warnings, "another process with a reused pid"
+        render_kind.stop_leftover(ctx, {"pid": leftover.pid, "started": started})
+        assert leftover.wait(timeout=10) is not None
+        assert ctx.log.warnings == ["stopping the background Blender left by the interrupted run"]
+        render_kind.stop_leftover(ctx, None)
+        render_kind.stop_leftover(ctx, {"pid": leftover.pid, "started": started})  # gone: no error
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
