@@ -3,7 +3,8 @@
 ``render_current_file`` saves a copy of the open file (``copy=True``: the user's
 file, its path and its unsaved state are untouched) and queues a
 ``blender.render`` job on that copy, so Blender stays free while a background
-Blender renders. The copy is made before the job exists because the kind checks
+Blender renders. The frames go where the scene's output path says, as a render
+from Blender would; the copy is deleted once every frame is written. The copy is made before the job exists because the kind checks
 at submit that its file exists; it goes to ``copies/`` beside the jobs' work
 folders, and the job's params name it.
 
@@ -13,6 +14,7 @@ details show for jobs that run external programs.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from pathlib import Path
@@ -87,7 +89,10 @@ def render_current_file(
     if scene_obj is None:
         names = ", ".join(repr(s.name) for s in bpy.data.scenes)
         raise ValueError(f"no scene named {scene!r} in the open file (it has {names})")
-    if output_dir is not None and output_dir.startswith("//"):
+    prefix = None
+    if output_dir is None:
+        output_dir, prefix = scene_output(scene_obj)
+    elif output_dir.startswith("//"):
         # '//' means next to the user's file, not next to the copy.
         if not bpy.data.filepath:
             raise ValueError("output_dir '//...' needs the file to be saved first")
@@ -100,7 +105,10 @@ def render_current_file(
         "frame": frame, "frame_start": frame_start, "frame_end": frame_end,
         "scene": scene_obj.name, "output_dir": output_dir, "format": format, "engine": engine,
         "samples": samples, "resolution_percentage": resolution_percentage,
+        "remove_blend_when_done": True,
     }
+    if prefix:
+        params["file_prefix"] = prefix
     name = Path(bpy.data.filepath).stem if bpy.data.filepath else "untitled"
     copy = save_copy(queue, name)
     try:
@@ -114,6 +122,20 @@ def render_current_file(
         raise
     runtime.poke()
     return job
+
+
+def scene_output(scene: Any) -> tuple[Optional[str], Optional[str]]:
+    """The folder and file name prefix of the scene's own output path (Output
+    Properties > Output), where a render from Blender would go; (None, None) when it
+    has none, or when it is relative ('//') to a file never saved (then the job's
+    work folder is used)."""
+    path = scene.render.filepath
+    if not path or (path.startswith("//") and not bpy.data.filepath):
+        return None, None
+    absolute = bpy.path.abspath(path)
+    folder, name = os.path.split(absolute)
+    prefix = "".join(c for c in name if c not in '#/\\\0:*?"<>|')
+    return (folder or None), (prefix or None)
 
 
 def _frames_text(params: dict, scene: Any) -> str:

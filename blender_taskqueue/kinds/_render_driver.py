@@ -158,7 +158,8 @@ def main():
         emit("frame", frame=frame, index=index, total=total)
         scene.frame_set(frame)
         bpy.ops.render.render(scene=scene.name)
-        partial = os.path.join(out, ".%s%04d.partial%s" % (prefix, frame, ext))
+        # Hidden, and per process: two renders of one frame never share a temporary.
+        partial = os.path.join(out, ".%s%04d.partial-%d%s" % (prefix, frame, os.getpid(), ext))
         bpy.data.images["Render Result"].save_render(partial, scene=scene)
         os.replace(partial, final)
         emit("saved", frame=frame, index=index, total=total, path=final)

@@ -127,6 +127,9 @@ class BlenderRender(BaseModel):
     factory_startup: bool = Field(False, description="start the child without user add-ons")
     timeout_s: Optional[float] = Field(None, gt=0)
     grace_s: float = Field(5.0, ge=0, le=60, description="between terminate and kill")
+    remove_blend_when_done: bool = Field(
+        False, description="delete blend_file once every frame is written (for saved copies)"
+    )
 
     @field_validator("blend_file")
     @classmethod
@@ -382,6 +385,13 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
             f"the background Blender {how}; {where}.\nLast output:\n{tail}\nLog: {done.log_path}"
         )
     ctx.progress(1.0, stage=f"frame {state.total}/{state.total}", message=where)
+    if params.remove_blend_when_done:
+        # A copy made for this job alone: kept while the job can still fail and be
+        # retried or resumed, removed once it is complete.
+        try:
+            os.unlink(params.blend_file)
+        except OSError as exc:
+            ctx.log.warning("could not remove the rendered copy", path=params.blend_file, error=str(exc))
     return {
         "files": files,
         "frames": state.frames,

@@ -986,6 +986,7 @@ def scenario_background_render(folder: str) -> dict[str, Any]:
     scene.render.engine = "BLENDER_WORKBENCH"
     scene.render.resolution_x, scene.render.resolution_y = 64, 48
     scene.frame_start, scene.frame_end, scene.frame_current = 1, 3, 2
+    scene.render.filepath = "//renders/shot_"  # where F12 would write: the job writes there too
     user_file = os.path.join(folder, "user.blend")
     bpy.ops.wm.save_as_mainfile(filepath=user_file)
     bpy.ops.mesh.primitive_monkey_add()  # an unsaved change the copy must carry
@@ -1001,7 +1002,8 @@ def scenario_background_render(folder: str) -> dict[str, Any]:
     out["op_current"] = op(bpy.ops.taskqueue.render_in_background, frames="CURRENT", format="JPEG",
                            priority="high")
     current = runtime().selected_job_id()
-    console = tq.render_current_file(frame=1, label="from the console", memory_mb=None)
+    console = tq.render_current_file(frame=1, label="from the console", memory_mb=None,
+                                     output_dir=os.path.join(folder, "console"))
     out["waited"] = tq.wait([job, current, console], timeout=120)
     out["range"], out["current"], out["console"] = info(job), info(current), info(console)
     copy = out["range"]["params"]["blend_file"]

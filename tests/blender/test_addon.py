@@ -565,13 +565,18 @@ def test_render_in_background_renders_a_copy(background_render: dict[str, Any]) 
     assert rng["result"]["engine"] == "BLENDER_WORKBENCH"
     assert rng["result"]["blender"].startswith("5.0"), "the bpy module renders with itself"
     assert cur["state"] == "completed", cur["error"]
-    assert cur["result"]["frames"] == [2] and cur["result"]["files"][0].endswith("frame_0002.jpg")
+    assert cur["result"]["frames"] == [2] and cur["result"]["files"][0].endswith("shot_0002.jpg")
+    # The frames go where the scene's output path says, relative to the user's file.
+    renders = Path(r["filepath_after"]).parent / "renders"
+    assert rng["result"]["files"] == [str(renders / f"shot_{n:04d}.png") for n in (1, 2, 3)]
     assert cur["priority"] < rng["priority"], "the dialog's priority is used"
     console = r["console"]
     assert console["state"] == "completed" and console["label"] == "from the console", console["error"]
     assert console["result"]["frames"] == [1] and console["params"]["blend_file"] != rng["params"]["blend_file"]
+    assert console["result"]["output_dir"] == str(Path(r["filepath_after"]).parent / "console")
     # A copy was rendered; the user's file, path and unsaved state are untouched.
-    assert r["copy_exists"] and Path(rng["params"]["blend_file"]).parent == Path(r["work_dir"]) / "copies"
+    assert Path(rng["params"]["blend_file"]).parent == Path(r["work_dir"]) / "copies"
+    assert not r["copy_exists"], "the copy is removed once every frame is written"
     assert r["filepath_after"].endswith("user.blend")
     assert r["dirty_before"] and r["dirty_after"]
     assert r["user_file_mtime_after"] == r["user_file_mtime"]

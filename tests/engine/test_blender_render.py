@@ -389,3 +389,16 @@ def test_a_leftover_render_is_stopped_only_if_it_is_the_same_process(tmp_path):
         if leftover.poll() is None:
             leftover.kill()
             leftover.wait()
+
+
+def test_a_copy_made_for_the_job_is_removed_only_once_it_is_done(engine, blend, tmp_path):
+    done_copy, failed_copy = tmp_path / "done.blend", tmp_path / "failed.blend"
+    shutil.copy(blend, done_copy)
+    shutil.copy(blend, failed_copy)
+    done = engine.submit(KIND, {"blend_file": str(done_copy), "frame": 1, "remove_blend_when_done": True})
+    failed = engine.submit(KIND, {"blend_file": str(failed_copy), "scene": "Nope",
+                                  "remove_blend_when_done": True})
+    assert finish(engine, done).state == JobState.COMPLETED
+    assert finish(engine, failed).state == JobState.FAILED
+    assert not done_copy.exists(), "a finished render's copy is removed"
+    assert failed_copy.exists(), "a failed render keeps its copy for a retry"
