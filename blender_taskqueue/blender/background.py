@@ -105,7 +105,7 @@ def render_current_file(
         "frame": frame, "frame_start": frame_start, "frame_end": frame_end,
         "scene": scene_obj.name, "output_dir": output_dir, "format": format, "engine": engine,
         "samples": samples, "resolution_percentage": resolution_percentage,
-        "remove_blend_when_done": True,
+        "blend_is_copy": True,
     }
     if prefix:
         params["file_prefix"] = prefix
@@ -170,7 +170,7 @@ def output_dir(engine: Any, info: Any) -> Optional[Path]:
 def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
     """The last ``lines`` non-empty lines of ``path``; re-read at most twice a second
     and only when the file changed (the panel asks on every redraw)."""
-    key = str(path)
+    key = f"{lines}:{path}"
     now = time.monotonic()
     cached = _tails.get(key)
     if cached is not None and now - cached[0] < TAIL_REFRESH_S:

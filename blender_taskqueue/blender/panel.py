@@ -6,6 +6,8 @@ never the engine's lock, so a busy queue cannot slow a redraw.
 
 from __future__ import annotations
 
+import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -13,9 +15,10 @@ from typing import Any, Optional
 
 import bpy
 
-from ..engine import JobInfo, JobState
+from ..engine import JobInfo, JobState, registry
 from ..kinds import render
 from . import background, runtime
+from .pump import CATEGORY
 
 _S = JobState
 STATE_ICONS = {
@@ -107,6 +110,15 @@ def _measure(context: Any) -> int:
     return _chars_per_line
 
 
+_PATH = re.compile(r"(?<![\w:/\\])(?:[A-Za-z]:)?[\\/][^\s'\"]*[\\/][^\s'\"]*[\\/][^\s'\"]+")
+
+
+def short_paths(text: str) -> str:
+    """Absolute paths cut to their last two parts: the sidebar has room for no more,
+    and the Folder and Log buttons open the whole path."""
+    return _PATH.sub(lambda m: "…/" + "/".join(re.split(r"[\\/]", m.group(0))[-2:]), text)
+
+
 def _wrapped(layout: Any, text: str, width: int = 0, icon: str = "NONE", limit: int = 6) -> None:
     lines = textwrap.wrap(text, width or _chars_per_line) or [""]
     for i, line in enumerate(lines[:limit]):
@@ -136,13 +148,14 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         if info is None:
             layout.label(text=item.name or item.job_id, icon="QUESTION")
             return
-        # The label gets most of a narrow row; the bar says only "42%" or one word
-        # there. A wide sidebar has room for the stage and the ETA.
+        # A narrow row (the sidebar's default width) keeps its width for the label: the
+        # right column says the state in a word ("42%", "queued", "failed"), so the state
+        # icon goes. A wide sidebar has room for the icon, the stage and the ETA.
         narrow = _measure(context) < 48
-        split = layout.split(factor=0.62 if narrow else 0.5, align=True)
+        split = layout.split(factor=0.58 if narrow else 0.5, align=True)
         left = split.row(align=True)
         left.alert = info.state in (_S.FAILED, _S.INTERRUPTED)
-        left.label(text=row_label(info), icon=state_icon(info))
+        left.label(text=row_label(info), icon="NONE" if narrow else state_icon(info))
         right = split.row(align=True)
         right.alert = left.alert
         _progress(right, info, short=narrow)
@@ -165,7 +178,7 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
 class VIEW3D_PT_taskqueue(bpy.types.Panel):
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
-    bl_category = "Task Queue"
+    bl_category = CATEGORY
     bl_label = "Task Queue"
 
     def draw(self, context: Any) -> None:
@@ -217,21 +230,26 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
 
     @staticmethod
     def _draw_counts(layout: Any, stats: Any) -> None:
-        # Numbers first: if the sidebar is narrow, a truncated label keeps them.
+        # Numbers first, and no icons: two columns of "1000 queued" fit the sidebar's
+        # default width only without them. Finished jobs are counted as the list has
+        # them (cleared ones are gone from both).
         col = layout.column(align=True)
-        grid = col.grid_flow(columns=2, even_columns=True, align=True)
-        grid.label(text=f"{stats.running}/{stats.max_workers} running", icon="PLAY")
+        grid = col.grid_flow(row_major=True, columns=2, even_columns=True, align=True)
+        pump = runtime.pump()
+        finished = pump.mirror.finished if pump is not None else {}
+        grid.label(text=f"{stats.running}/{stats.max_workers} running")
         waiting = stats.queued - stats.held
-        grid.label(text=f"{waiting} queued", icon="SORTTIME")
-        grid.label(text=f"{stats.completed} done", icon="CHECKMARK")
-        failed = stats.failed + stats.interrupted
+        grid.label(text=f"{waiting} queued")
+        grid.label(text=f"{finished.get(_S.COMPLETED, 0)} done")
+        failed = finished.get(_S.FAILED, 0) + finished.get(_S.INTERRUPTED, 0)
         sub = grid.row(align=True)
         sub.alert = failed > 0
-        sub.label(text=f"{failed} failed", icon="ERROR")
-        if stats.held or stats.cancelled:
-            grid.label(text=f"{stats.held} held", icon="PAUSE")
-            grid.label(text=f"{stats.cancelled} cancelled", icon="CANCEL")
-        col.label(text=f"{stats.available_memory_mb / 1024:.1f} GB memory free", icon="MEMORY")
+        sub.label(text=f"{failed} failed")
+        cancelled = finished.get(_S.CANCELLED, 0)
+        if stats.held or cancelled:
+            grid.label(text=f"{stats.held} held")
+            grid.label(text=f"{cancelled} cancelled")
+        col.label(text=f"{stats.available_memory_mb / 1024:.1f} GB memory free")
         row = col.row(align=True)
         if stats.paused:
             row.alert = True
@@ -246,7 +264,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
             ] if pump is not None else []
             box = col.box()
             if waiting:
-                _wrapped(box, f"'{waiting[0].label}' is {waiting[0].message}", icon="SORTTIME", limit=4)
+                _wrapped(box, f"'{waiting[0].label}' is {waiting[0].message}", icon="SORTTIME", limit=6)
             else:
                 box.label(text="Waiting for free memory", icon="SORTTIME")
         if stats.write_error:
@@ -268,7 +286,7 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
 class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
-    bl_category = "Task Queue"
+    bl_category = CATEGORY
     bl_label = "Selected Job"
     bl_parent_id = "VIEW3D_PT_taskqueue"
 
@@ -285,7 +303,7 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             layout.label(text="The job left the history")
             return
         col = layout.column(align=True)
-        col.label(text=info.label, icon=state_icon(info))
+        _wrapped(col, info.label, icon=state_icon(info), limit=2)
         col.separator()
         if info.error is not None:  # first: it is why a user looks here
             box = layout.box()
@@ -311,14 +329,16 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
         if not info.state.is_terminal and info.state is not _S.QUEUED:
             _progress(layout, info)
         if info.message and not (info.error is not None and info.state.is_terminal):
-            _wrapped(layout.column(align=True), info.message, icon="INFO", limit=4)
-        if info.params:
+            _wrapped(layout.column(align=True), short_paths(info.message), icon="INFO", limit=4)
+        if pump is not None:  # what its program printed, and its files: above the params
+            _output(layout, pump.engine, info)
+        shown = _set_params(info)
+        if shown:
             box = layout.box()
             box.label(text="Parameters")
             pcol = box.column(align=True)
-            shown = [(k, v) for k, v in info.params.items() if v is not None]
             for key, value in shown[:10]:
-                pcol.label(text=f"{key}: {value}"[:80])
+                pcol.label(text=f"{key}: {_value_text(value)}"[:80])
         if info.result is not None:
             box = layout.box()
             box.label(text="Result", icon="CHECKMARK")
@@ -327,8 +347,6 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             box = layout.box()
             box.label(text="Partial result", icon="CHECKMARK")
             _result_lines(box, info.partial_result)
-        if pump is not None:
-            _output(layout, pump.engine, info)
         row = layout.row(align=True)
         if info.state.is_terminal:
             col = layout.column(align=True)
@@ -341,16 +359,39 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
                 row.operator("taskqueue.release", text="Release", icon="PLAY").job_id = info.id
 
 
+def _value_text(value: Any) -> str:
+    """A param or result value for one line: a path as its file name (the sidebar has
+    no room for more; the Folder and Log buttons open the whole path)."""
+    if isinstance(value, str) and ("/" in value or "\\" in value) and Path(value).is_absolute():
+        return Path(value).name or value
+    return str(value)
+
+
+def _set_params(info: JobInfo) -> list[tuple[str, Any]]:
+    """The params a job was given, without the ones left at their kind's default."""
+    spec = registry.find(info.kind)
+    fields = getattr(spec.params, "model_fields", {}) if spec is not None and spec.params else {}
+    shown = []
+    for key, value in (info.params or {}).items():
+        field = fields.get(key)
+        if value is None or (field is not None and not field.is_required()
+                             and field.get_default(call_default_factory=True) == value):
+            continue
+        shown.append((key, value))
+    return shown
+
+
 def _result_lines(layout: Any, result: Any) -> None:
     col = layout.column(align=True)
     if isinstance(result, dict):
-        for key, value in list(result.items())[:8]:
+        shown = [(k, v) for k, v in result.items() if v not in (None, "", [], {})]
+        for key, value in shown[:8]:
             if isinstance(value, list) and len(value) > 1:
                 # A list of files says most in its count and its last entry.
                 last = value[-1]
                 last = Path(last).name if isinstance(last, str) else last
                 value = f"{len(value)} items, last {last}"
-            col.label(text=f"{key}: {value}"[:80])
+            col.label(text=f"{key}: {_value_text(value)}"[:80])
     else:
         _wrapped(col, repr(result), limit=4)
 
@@ -366,7 +407,7 @@ def _output(layout: Any, engine: Any, info: Any) -> None:
     if log is not None:
         col = box.column(align=True)
         col.scale_y = 0.8
-        for line in background.tail(log):
+        for line in output_lines(log):
             col.label(text=line[:200])  # Blender elides the middle of a long label
     row = box.row(align=True)
     if folder is not None:
@@ -375,6 +416,36 @@ def _output(layout: Any, engine: Any, info: Any) -> None:
     if log is not None:
         op = row.operator("taskqueue.open_output", text="Log", icon="TEXT")
         op.job_id, op.what = info.id, "LOG"
+
+
+def _driver_line(data: str) -> str:
+    """A render driver's protocol line in words, or "" for one the stage already says."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return ""
+    if not isinstance(event, dict):
+        return ""
+    kind, path = event.get("event"), event.get("path")
+    if kind in ("saved", "skip") and isinstance(path, str):
+        return f"{'Saved' if kind == 'saved' else 'Kept'} {Path(path).name}"
+    if kind == "error":
+        return f"Error: {event.get('message', '')}".splitlines()[0]
+    return ""
+
+
+def output_lines(log: Path) -> list[str]:
+    """The log's last lines as the Output box shows them: of the render driver's
+    protocol lines only the saved frames (the job's stage and progress say the rest),
+    paths shortened."""
+    lines = []
+    for line in background.tail(log, background.TAIL_LINES * 3):
+        if line.startswith(render.TAG):
+            line = _driver_line(line[len(render.TAG):])
+            if not line:
+                continue
+        lines.append(short_paths(line))
+    return lines[-background.TAIL_LINES:]
 
 
 classes = (TASKQUEUE_UL_jobs, VIEW3D_PT_taskqueue, VIEW3D_PT_taskqueue_details)

@@ -22,6 +22,7 @@ from ..engine import Engine, EngineStats, JobInfo, JobState
 from ..engine.events import RESYNC
 from ..engine.models import Recovery
 
+CATEGORY = "Task Queue"  # the sidebar tab of the panels
 ACTIVE_INTERVAL_S = 0.1
 IDLE_INTERVAL_S = 0.5
 MAIN_CALL_BUDGET_S = 0.008  # of a 100 ms tick: Blender keeps 92% of the main thread
@@ -48,6 +49,9 @@ class Mirror:
         self.infos: dict[str, JobInfo] = {}
         self.order: list[str] = []
         self.stats: Optional[EngineStats] = None
+        # Finished jobs the engine still lists, by state: the header counts what the list
+        # holds (the engine's stats count the whole session, cleared jobs too).
+        self.finished: collections.Counter[JobState] = collections.Counter()
         self.notices: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=20)
         self.recovery: Optional[Recovery] = None  # shown until dismissed
         self.selected_id: str = ""
@@ -58,6 +62,17 @@ class Mirror:
 
     def selected(self) -> Optional[JobInfo]:
         return self.infos.get(self.selected_id)
+
+
+def shows_panel(space: Any, region: Any) -> bool:
+    """Whether a 3D view's sidebar ``region`` may be showing the Task Queue tab: not
+    when the sidebar is hidden, nor when it shows another tab (Blender 4.1+ says
+    which; older ones redraw whatever tab is open). A sidebar redraw is a full
+    region draw, so a hidden panel must not cost one."""
+    if not getattr(space, "show_region_ui", True):
+        return False
+    category = getattr(region, "active_panel_category", None)
+    return not isinstance(category, str) or category in ("", "UNSUPPORTED", CATEGORY)
 
 
 class Pump:
@@ -143,6 +158,9 @@ class Pump:
             mirror.infos = {i.id: i for i in infos}
             mirror.order = [i.id for i in infos[:MAX_ROWS]]
             changed = urgent = True
+        if urgent:  # progress alone never finishes a job
+            mirror.finished = collections.Counter(
+                i.state for i in mirror.infos.values() if i.state.is_terminal)
         engine.run_main_calls(MAIN_CALL_BUDGET_S)
         now = time.monotonic()
         if changed or now - self._stats_at >= STATS_EVERY_S or mirror.stats is None:
@@ -247,8 +265,9 @@ class Pump:
             for area in screen.areas:
                 if area.type != "VIEW_3D":
                     continue
+                space = area.spaces.active
                 for region in area.regions:
-                    if region.type == "UI":
+                    if region.type == "UI" and shows_panel(space, region):
                         region.tag_redraw()
 
     def _notify(self, finished: list[JobInfo], now: float) -> None:

@@ -127,8 +127,8 @@ class BlenderRender(BaseModel):
     factory_startup: bool = Field(False, description="start the child without user add-ons")
     timeout_s: Optional[float] = Field(None, gt=0)
     grace_s: float = Field(5.0, ge=0, le=60, description="between terminate and kill")
-    remove_blend_when_done: bool = Field(
-        False, description="delete blend_file once every frame is written (for saved copies)"
+    blend_is_copy: bool = Field(
+        False, description="blend_file is a copy made for this job: delete it once every frame is written"
     )
 
     @field_validator("blend_file")
@@ -385,7 +385,7 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
             f"the background Blender {how}; {where}.\nLast output:\n{tail}\nLog: {done.log_path}"
         )
     ctx.progress(1.0, stage=f"frame {state.total}/{state.total}", message=where)
-    if params.remove_blend_when_done:
+    if params.blend_is_copy:
         # A copy made for this job alone: kept while the job can still fail and be
         # retried or resumed, removed once it is complete.
         try:

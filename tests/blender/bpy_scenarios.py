@@ -790,6 +790,19 @@ def scenario_pump() -> dict[str, Any]:
     # Idle, nothing at all.
     out["empty_tick"] = [p.tick() for _ in range(3)]
 
+    # Which sidebars a change redraws (plain stand-ins: the bpy module has no windows).
+    from types import SimpleNamespace as NS
+
+    shows = sub("blender.pump").shows_panel
+    out["shows_panel"] = {
+        "our_tab": shows(NS(show_region_ui=True), NS(active_panel_category="Task Queue")),
+        "other_tab": shows(NS(show_region_ui=True), NS(active_panel_category="Item")),
+        "hidden": shows(NS(show_region_ui=False), NS(active_panel_category="Task Queue")),
+        "unsupported": shows(NS(show_region_ui=True), NS(active_panel_category="UNSUPPORTED")),
+        "old_blender": shows(NS(show_region_ui=True), NS()),
+        "has_attribute": "active_panel_category" in bpy.types.Region.bl_rna.properties.keys(),
+    }
+
     # 1,000 queued jobs, paused.
     tq.pause()
     started = time.perf_counter()

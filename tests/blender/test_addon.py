@@ -483,6 +483,10 @@ def test_pump_tick_cost_and_interval(scenario: Scenario, capsys: Any) -> None:
             f"{fmt(report['flood_stats'])}"
         )
     assert report["empty_tick"] == [IDLE_S] * 3
+    assert report["shows_panel"] == {
+        "our_tab": True, "other_tab": False, "hidden": False, "unsupported": True,
+        "old_blender": True, "has_attribute": True,
+    }, "a hidden sidebar, or one on another tab, is never redrawn for the queue"
     assert report["first_tick_1000"]["returned"] == IDLE_S, "a paused queue is idle"
     assert report["rows_1000"] == 1000
     assert report["paused_1000_returns"] == [IDLE_S]

@@ -395,9 +395,9 @@ def test_a_copy_made_for_the_job_is_removed_only_once_it_is_done(engine, blend, 
     done_copy, failed_copy = tmp_path / "done.blend", tmp_path / "failed.blend"
     shutil.copy(blend, done_copy)
     shutil.copy(blend, failed_copy)
-    done = engine.submit(KIND, {"blend_file": str(done_copy), "frame": 1, "remove_blend_when_done": True})
+    done = engine.submit(KIND, {"blend_file": str(done_copy), "frame": 1, "blend_is_copy": True})
     failed = engine.submit(KIND, {"blend_file": str(failed_copy), "scene": "Nope",
-                                  "remove_blend_when_done": True})
+                                  "blend_is_copy": True})
     assert finish(engine, done).state == JobState.COMPLETED
     assert finish(engine, failed).state == JobState.FAILED
     assert not done_copy.exists(), "a finished render's copy is removed"

@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gui_check.py"
 RUN_TIMEOUT_S = 240
-SHOTS = ("idle", "busy", "failure", "done")
+SHOTS = ("idle", "busy", "failure", "done", "render")
+REFRESH_RATES = {"10": "busy", "2": "busy_2hz"}  # the refresh_hz preference -> its busy window
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = [
@@ -122,15 +123,68 @@ def test_a_failure_shows_its_details_and_traceback(gui: GuiRun) -> None:
 
 def test_the_stall_figures_are_measured_and_printed(gui: GuiRun) -> None:
     stalls = gui.result["stalls"]
-    for name in ("idle", "redraw_control", "busy", "busy_cpu", "drain"):
+    for name in ("idle", "redraw_control", "busy", "busy_2hz", "busy_cpu", "drain"):
         assert stalls[name]["samples"] > 0, name
         assert stalls[name]["p99_ms"] is not None and stalls[name]["max_ms"] is not None, name
-    assert gui.result["checks"]["busy_window_was_busy"] and gui.result["checks"]["busy_cpu_window_was_busy"]
+    checks = gui.result["checks"]
+    assert checks["busy_window_was_busy"] and checks["busy_2hz_window_was_busy"], gui.result["busy_state"]
+    assert checks["busy_cpu_window_was_busy"], gui.result["busy_state"]
     assert gui.result["progress_delay"]["samples"] > 100
     printed = gui.proc.stdout
-    for line in ("stall idle:", "stall busy:", "stall busy_cpu:", "stall ratio busy/idle: p99",
-                 "progress -> panel (busy):", "pump: "):
+    for line in ("stall idle:", "stall busy:", "stall busy_2hz:", "stall busy_cpu:", "stall ratio busy/idle: p99",
+                 "progress -> panel (busy):", "progress -> panel (busy_2hz):", "pump: "):
         assert line in printed, f"{line!r} not printed:\n{printed}"
+
+
+def test_the_stall_figures_are_measured_at_both_refresh_rates(gui: GuiRun) -> None:
+    """The same busy load at the default 10 Hz and with the refresh_hz preference at 2 Hz:
+    every figure is there and printed (speeds are printed, never asserted)."""
+    rates = gui.result["refresh_rates"]
+    assert sorted(rates) == sorted(REFRESH_RATES), rates
+    for hz, window in REFRESH_RATES.items():
+        r = rates[hz]
+        assert r["window"] == window and r["refresh_hz"] == int(hz), r
+        for key in ("busy_p99_ms", "ratio_p99_idle", "ratio_p99_control", "worst_ms",
+                    "progress_p50_ms", "progress_p99_ms"):
+            assert isinstance(r[key], (int, float)), (hz, key, r)
+        assert isinstance(r["addon_python_over_16ms"], int), r
+        assert r["progress_samples"] > 100, r
+        assert gui.result["stalls"][window]["refresh_hz"] == int(hz), gui.result["stalls"][window]
+        printed = f"refresh {hz} Hz ({window}): busy p99 "
+        assert printed in gui.proc.stdout, f"{printed!r} not printed:\n{gui.proc.stdout}"
+    # Set through the add-on's preferences as a user would, and restored after.
+    pref = gui.result["refresh_pref"]
+    assert gui.result["checks"]["refresh_pref_applies"], pref
+    assert pref["interval_s_at_low"] == 0.5 and pref["restored_hz"] == 10, pref
+    # Progress alone redraws at most twice a second at 2 Hz: fewer redraws than at 10 Hz.
+    assert gui.result["checks"]["low_refresh_limits_redraws"], rates
+    assert rates["2"]["pump_redraws"] < rates["10"]["pump_redraws"], rates
+
+
+def test_a_process_run_job_in_the_batch_reports_progress_from_its_output(gui: GuiRun) -> None:
+    run = gui.result["process_run"]
+    assert gui.result["checks"]["process_run_job_completed"], run
+    assert run["result"]["exit_code"] == 0, run
+    # Its "N%" lines became the row's progress: the panel drew more than one percentage.
+    assert len(run["drawn_progress"]) >= 2 and run["drawn_progress"] == sorted(run["drawn_progress"]), run
+
+
+def test_render_in_background_renders_the_file_and_shows_its_output(gui: GuiRun) -> None:
+    render = gui.result["render"]
+    checks = gui.result["checks"]
+    assert render["operator"] == ["FINISHED"], render
+    assert checks["render_in_background_completed"] and render["state"] == "completed", render
+    assert render["engine"] == "BLENDER_WORKBENCH", render
+    # Frames 1-3 rendered by a background Blender, each a PNG on disk (checked inside the run).
+    assert checks["render_wrote_its_frames"], render
+    assert render["frames"] == [1, 2, 3] and render["frames_ok"] == 3, render
+    assert [Path(f).name[-8:] for f in render["files"]] == ["0001.png", "0002.png", "0003.png"], render
+    # The details' Output box drew the log's tail for it: the saved frames, no protocol lines.
+    assert checks["render_output_box_drawn"], render
+    tail = render["output_tail"]
+    assert any(line.startswith("Saved ") and line.endswith("0003.png") for line in tail), tail
+    assert not any(line.startswith("TASKQUEUE ") for line in tail), tail
+    assert "render in background: completed, 3 frames" in gui.proc.stdout
 
 
 def test_the_screenshots_are_small_pngs(gui: GuiRun) -> None:
