@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -32,6 +33,8 @@ TAIL_REFRESH_S = 0.5
 _BUFFERS = 8  # float RGBA buffers a render keeps per pixel (combined, passes, display)
 
 _tails: dict[str, tuple[float, int, int, list[str]]] = {}  # path -> (checked, mtime, size, lines)
+EXISTS_REFRESH_S = 1.0
+_checked: dict[str, tuple[float, bool]] = {}  # "file:/path" -> (checked, exists)
 
 
 def estimate_memory_mb(scene: Any) -> int:
@@ -96,7 +99,7 @@ def render_current_file(
         # '//' means next to the user's file, not next to the copy.
         if not bpy.data.filepath:
             raise ValueError("output_dir '//...' needs the file to be saved first")
-        output_dir = bpy.path.abspath(output_dir)
+        output_dir = os.path.abspath(bpy.path.abspath(output_dir))
     if memory_mb == "auto":
         memory_mb = estimate_memory_mb(scene_obj)
     elif isinstance(memory_mb, str):
@@ -106,6 +109,8 @@ def render_current_file(
         "scene": scene_obj.name, "output_dir": output_dir, "format": format, "engine": engine,
         "samples": samples, "resolution_percentage": resolution_percentage,
         "blend_is_copy": True,
+        # '//' in the copy (a compositor File Output node, say) means the user's folder.
+        "relative_base": os.path.dirname(bpy.data.filepath) if bpy.data.filepath else None,
     }
     if prefix:
         params["file_prefix"] = prefix
@@ -132,7 +137,7 @@ def scene_output(scene: Any) -> tuple[Optional[str], Optional[str]]:
     path = scene.render.filepath
     if not path or (path.startswith("//") and not bpy.data.filepath):
         return None, None
-    absolute = bpy.path.abspath(path)
+    absolute = os.path.abspath(bpy.path.abspath(path))  # "/tmp\\" on Windows gets its drive
     folder, name = os.path.split(absolute)
     prefix = "".join(c for c in name if c not in '#/\\\0:*?"<>|')
     return (folder or None), (prefix or None)
@@ -149,10 +154,28 @@ def _frames_text(params: dict, scene: Any) -> str:
 # ---- a job's files
 
 
+def _exists(path: Path, kind: str) -> bool:
+    """``path.is_file()`` / ``is_dir()`` for a redraw: cached for a second, and False
+    instead of an error for a folder that cannot be read or a share that is gone."""
+    key = f"{kind}:{path}"
+    now = time.monotonic()
+    cached = _checked.get(key)
+    if cached is not None and now - cached[0] < EXISTS_REFRESH_S:
+        return cached[1]
+    try:
+        found = path.is_file() if kind == "file" else path.is_dir()
+    except OSError:
+        found = False
+    if len(_checked) > 256:
+        _checked.clear()
+    _checked[key] = (now, found)
+    return found
+
+
 def log_path(engine: Any, info: Any) -> Optional[Path]:
     """The job's output log, if it has one."""
     path = engine.workdir_for(info.id) / process.LOG_NAME
-    return path if path.is_file() else None
+    return path if _exists(path, "file") else None
 
 
 def output_dir(engine: Any, info: Any) -> Optional[Path]:
@@ -161,10 +184,40 @@ def output_dir(engine: Any, info: Any) -> Optional[Path]:
     for data in (info.result, info.partial_result):
         if isinstance(data, dict) and isinstance(data.get("output_dir"), str):
             path = Path(data["output_dir"])
-            if path.is_dir():
+            if _exists(path, "dir"):
                 return path
     path = engine.workdir_for(info.id)
-    return path if path.is_dir() else None
+    return path if _exists(path, "dir") else None
+
+
+def sweep_copies(engine: Any, min_age_s: float = 60.0) -> int:
+    """Delete the saved copies in ``copies/`` that no job the engine still lists
+    renders (a cancelled or failed render keeps its copy for a retry until it is
+    cleared). A copy younger than ``min_age_s`` may belong to a job being submitted,
+    so it stays. Returns how many were deleted."""
+    folder = engine.workdir_for("copies")
+    try:
+        candidates = [p for p in folder.iterdir() if p.suffix == ".blend"]
+    except OSError:
+        return 0
+    wanted = set()
+    for info in engine.jobs():
+        blend = info.params.get("blend_file") if isinstance(info.params, Mapping) else None
+        if isinstance(blend, str):
+            wanted.add(os.path.normcase(os.path.abspath(blend)))
+    removed = 0
+    now = time.time()
+    for path in candidates:
+        if os.path.normcase(os.path.abspath(path)) in wanted:
+            continue
+        try:
+            if now - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:

@@ -220,6 +220,9 @@ class TASKQUEUE_OT_clear_finished(bpy.types.Operator):
         if engine is None:
             return {"CANCELLED"}
         count = engine.clear_finished()
+        from . import background
+
+        background.sweep_copies(engine)  # the saved copies of cleared renders
         self.report({"INFO"}, f"Cleared {count} finished job(s)")
         runtime.poke()
         return {"FINISHED"}

@@ -50,6 +50,8 @@ def start() -> None:
     from ..kinds import demo, process, render  # noqa: F401  (registers the built-in kinds)
 
     prefs = preferences.preferences()
+    if prefs is not None:  # before the engine starts: a recovered render needs the chosen Blender
+        render.set_default_blender(bpy.path.abspath(prefs.blender_path) if prefs.blender_path else None)
     existing = api.shared_engine_or_none()
     if existing is not None and existing.is_running:
         eng = existing
@@ -70,6 +72,9 @@ def start() -> None:
     _pump.start()
     if prefs is not None:
         prefs.apply_addon_settings()
+    from . import background
+
+    background.sweep_copies(eng)  # copies left by renders of earlier sessions that are gone
     package = sys.modules[preferences.BASE_PACKAGE]
     if sys.modules.setdefault(CONSOLE_NAME, package) is package:
         _alias = package

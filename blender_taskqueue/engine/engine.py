@@ -143,7 +143,9 @@ class Engine:
         self._busy = 0
         self._idle = 0  # workers waiting for work
         self._done_waiters = 0  # threads in wait()/shutdown() waiting on _done_cv
-        self._reserved_mb = 0
+        self._reserved_mb = 0  # memory_mb of the running jobs
+        self._reserved_inside_mb = 0  # the part of it inside this process (not out_of_process kinds)
+        self._reservations: dict[str, tuple[int, int]] = {}  # job id -> (memory_mb, inside part)
         self._memory_blocked: Optional[JobRecord] = None
         self._counts: collections.Counter[JobState] = collections.Counter()
         self._finish_times: collections.deque[float] = collections.deque()
@@ -435,7 +437,7 @@ class Engine:
             if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
                 raise ValueError(f"memory_mb must be a positive int or None, got {memory_mb!r}")
             limit = self._config.max_memory_mb
-            if limit is not None and memory_mb > limit:
+            if limit is not None and memory_mb > limit and not spec.out_of_process:
                 raise ValueError(
                     f"memory_mb={memory_mb} exceeds max_memory_mb={limit}: the job could never start"
                 )
@@ -1171,10 +1173,30 @@ class Engine:
         self._running[job.id] = job
         self._kind_running[job.kind] += 1
         self._busy += 1
-        self._reserved_mb += job.memory_mb or 0
+        self._reserve_locked(job, 1)
         self._events.state(job)
         self._mark_running_locked(job)
         return job
+
+    def _inside(self, job: JobRecord) -> bool:
+        """Whether the job's memory is used inside this process (see out_of_process)."""
+        spec = self._registry.find(job.kind)
+        return spec is None or not spec.out_of_process
+
+    def _reserve_locked(self, job: JobRecord, sign: int) -> None:
+        """Reserve (+1) or release (-1) a running job's memory_mb; a release undoes
+        exactly what the reservation took, whatever the registry says by then."""
+        if sign > 0:
+            need = job.memory_mb or 0
+            if need:
+                inside = need if self._inside(job) else 0
+                self._reservations[job.id] = (need, inside)
+                self._reserved_mb += need
+                self._reserved_inside_mb += inside
+        else:
+            need, inside = self._reservations.pop(job.id, (0, 0))
+            self._reserved_mb -= need
+            self._reserved_inside_mb -= inside
 
     def _memory_admits_locked(self, job: JobRecord) -> bool:
         cfg = self._config
@@ -1195,10 +1217,11 @@ class Engine:
                 else f"{max(free, 0):.0f} MB free, below min_free_memory_mb={floor}"
             )
         if cfg.max_memory_mb is not None:
-            used = self._memory.process_mb() + self._reserved_mb
-            if used + need > cfg.max_memory_mb:
+            used = self._memory.process_mb() + self._reserved_inside_mb
+            inside = need if self._inside(job) else 0
+            if used + inside > cfg.max_memory_mb:
                 reasons.append(
-                    f"Blender uses {used:.0f} MB{f' + {need} MB needed' if need else ''}, "
+                    f"Blender uses {used:.0f} MB{f' + {inside} MB needed' if inside else ''}, "
                     f"above max_memory_mb={cfg.max_memory_mb}"
                 )
         if reasons:
@@ -1262,7 +1285,7 @@ class Engine:
             del self._running[job.id]
             self._busy -= 1
             self._kind_running[job.kind] -= 1
-            self._reserved_mb -= job.memory_mb or 0
+            self._reserve_locked(job, -1)
             job.deadline = None
             now_wall = self._wall()
             reason = job.cancel_reason if job.cancel_requested else None
@@ -1349,7 +1372,7 @@ class Engine:
             del self._running[job.id]
             self._busy -= 1
             self._kind_running[job.kind] -= 1
-            self._reserved_mb -= job.memory_mb or 0
+            self._reserve_locked(job, -1)
         job.state = state
         job.finished_at = now_wall
         if state is not _S.COMPLETED:

@@ -30,6 +30,9 @@ class KindSpec:
     resumable: bool = False
     max_concurrency: Optional[int] = None
     network: bool = False
+    # The job's work (and memory_mb) is in child processes: it counts against the
+    # machine's free memory, never against max_memory_mb (Blender's own use).
+    out_of_process: bool = False
     recoverable: bool = True  # False for ad-hoc callables that cannot be rebuilt from data
     description: str = ""
 
@@ -190,6 +193,7 @@ def job_kind(
     resumable: bool = False,
     max_concurrency: Optional[int] = None,
     network: bool = False,
+    out_of_process: bool = False,
     registry: KindRegistry = registry,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated ``handler(ctx, params)`` as job kind ``name``.
@@ -200,6 +204,8 @@ def job_kind(
         resumable: after a crash, re-queue the job with its last checkpoint.
         max_concurrency: at most this many jobs of the kind run at once.
         network: the kind goes online (Blender's "Allow Online Access" applies).
+        out_of_process: the work runs in child processes, so a job's ``memory_mb``
+            counts against free memory but not against ``max_memory_mb``.
 
     Returns:
         The handler, unchanged.
@@ -214,6 +220,7 @@ def job_kind(
                 resumable=resumable,
                 max_concurrency=max_concurrency,
                 network=network,
+                out_of_process=out_of_process,
                 description=(handler.__doc__ or "").strip().splitlines()[0]
                 if handler.__doc__
                 else "",

@@ -23,6 +23,7 @@ nothing newer than 3.10.
 import json
 import os
 import sys
+import time
 import traceback
 
 TAG = "TASKQUEUE "
@@ -106,8 +107,10 @@ def plan(scene, args):
 
 
 def orphaned(parent):
-    """True once the process that started this one is gone (we were re-parented)."""
-    return parent is not None and os.getppid() != parent
+    """True once the process that started this one is gone (we were re-parented).
+    POSIX only: on Windows the parent id never changes, and a dead parent shows as a
+    broken stdout pipe at the next report instead."""
+    return os.name == "posix" and os.getppid() != parent
 
 
 def watch_parent(parent):
@@ -115,7 +118,6 @@ def watch_parent(parent):
     running that the resumed job would then race. Checked between frames too, in
     case Blender holds Python's lock for the whole of a frame."""
     import threading
-    import time
 
     def loop():
         while True:
@@ -126,13 +128,73 @@ def watch_parent(parent):
     threading.Thread(target=loop, name="taskqueue-parent-watch", daemon=True).start()
 
 
+def fix_relative_outputs(scene, base):
+    """Point the compositor's File Output nodes that write to '//' paths at ``base``
+    (the user's folder): in a copy saved elsewhere, '//' means the copy's folder, and
+    saving a copy does not remap these paths. Returns how many were changed."""
+    fixed = 0
+    trees = []
+    for attr in ("node_tree", "compositing_node_group"):  # the latter: Blender 5.0+
+        tree = getattr(scene, attr, None)
+        if tree is not None and tree not in trees:
+            trees.append(tree)
+    for tree in trees:
+        for node in tree.nodes:
+            if node.bl_idname != "CompositorNodeOutputFile":
+                continue
+            for attr in ("base_path", "directory"):
+                value = getattr(node, attr, None)
+                if isinstance(value, str) and value.startswith("//"):
+                    setattr(node, attr, os.path.join(base, value[2:]))
+                    fixed += 1
+    return fixed
+
+
+def keep_existing(path, args):
+    """Whether the frame file at ``path`` is kept instead of rendered again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if st.st_size == 0:
+        return False  # never a complete image
+    if not args.get("overwrite", True):
+        return True
+    if path in (args.get("keep") or ()):
+        return True  # this job wrote it before it was interrupted
+    since = args.get("since")
+    return since is not None and st.st_mtime >= since  # written by this job after its last checkpoint
+
+
+def save_frame(bpy, scene, partial, final):
+    """Write the render result to ``partial``, flush it to disk, rename it to ``final``."""
+    bpy.data.images["Render Result"].save_render(partial, scene=scene)
+    try:
+        fd = os.open(partial, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # fsync is best effort (a file system that cannot, a read-only handle)
+    for attempt in range(50):  # a viewer or a virus scanner may hold it (Windows)
+        try:
+            os.replace(partial, final)
+            return
+        except PermissionError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
 def main():
     args = json.loads(sys.argv[sys.argv.index("--") + 1])
-    parent = args.get("parent_pid")
+    parent = os.getppid()  # the job's worker process, not a wrapper that started us
     watch_parent(parent)
     import bpy
 
     scene = setup(bpy, args)
+    fixed = fix_relative_outputs(scene, args["relative_base"]) if args.get("relative_base") else 0
     frames = plan(scene, args)
     out = args["output_dir"]
     prefix = args.get("file_prefix", "frame_")
@@ -140,28 +202,22 @@ def main():
     os.makedirs(out, exist_ok=True)
     emit(
         "plan", frames=frames, scene=scene.name, engine=scene.render.engine, ext=ext,
-        output_dir=out, blender=bpy.app.version_string,
+        output_dir=out, blender=bpy.app.version_string, relative_outputs_fixed=fixed,
     )
-    since = args.get("since")
     total = len(frames)
     for index, frame in enumerate(frames, 1):
         if orphaned(parent):
             os._exit(ORPHAN_EXIT)
         final = frame_path(out, prefix, frame, ext)
-        if os.path.exists(final):
-            keep = not args.get("overwrite", True)
-            if since is not None and os.path.getmtime(final) >= since:
-                keep = True  # this job wrote it before it was interrupted
-            if keep:
-                emit("skip", frame=frame, index=index, total=total, path=final)
-                continue
+        if keep_existing(final, args):
+            emit("skip", frame=frame, index=index, total=total, path=final)
+            continue
         emit("frame", frame=frame, index=index, total=total)
         scene.frame_set(frame)
         bpy.ops.render.render(scene=scene.name)
         # Hidden, and per process: two renders of one frame never share a temporary.
         partial = os.path.join(out, ".%s%04d.partial-%d%s" % (prefix, frame, os.getpid(), ext))
-        bpy.data.images["Render Result"].save_render(partial, scene=scene)
-        os.replace(partial, final)
+        save_frame(bpy, scene, partial, final)
         emit("saved", frame=frame, index=index, total=total, path=final)
     emit("done", frames=total)
 

@@ -180,6 +180,8 @@ class _Output:
         self._on_line = on_line
         self._lock = threading.Lock()
         self._partial: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+        self._seen: dict[str, int] = {"stdout": 0, "stderr": 0}
+        self._on_line_errors = 0
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)  # both streams
         self.last_line: Optional[str] = None
@@ -190,6 +192,7 @@ class _Output:
     def feed(self, stream: str, chunk: bytes) -> None:
         with self._lock:
             data = self._partial[stream] + chunk
+            seen = self._seen[stream]  # bytes at the start of data already passed on as lines
             cut = data.rfind(b"\n") + 1
             if len(data) - cut > _MAX_PARTIAL:
                 cut = len(data)
@@ -198,30 +201,45 @@ class _Output:
                 self._log.write(data[:cut])
                 self.bytes += cut
             self._partial[stream] = data[cut:]
-            # For the message and the progress, \r ends a line too. The last piece
-            # has no line end yet and waits for more, unless a \r came before it:
-            # a progress bar redraws its line as "\r 40%|####" and then waits.
-            lines = _LINE_END.split(data)
-            if not lines[-1] or data.rfind(b"\r") <= data.rfind(b"\n"):
-                lines.pop()
-            self._note(stream, lines)
+            # For everything but the log, \r ends a line too, and each line is passed
+            # on once, however the reads split it (a "\r\n" across two reads included).
+            fresh = data[seen:]
+            end = max(fresh.rfind(b"\n"), fresh.rfind(b"\r")) + 1
+            complete = _LINE_END.split(fresh[:end])[:-1] if end else []
+            self._seen[stream] = max(0, seen + end - cut)
+            # The piece after the last line end waits for more, unless a \r came
+            # before it: a progress bar redraws its line as "\r 40%|####" and waits.
+            rest = fresh[end:]
+            pending = rest if rest and data.rfind(b"\r") > data.rfind(b"\n") else b""
+            self._note(stream, complete, pending)
 
     def close(self, stream: str) -> None:
         with self._lock:
             rest = self._partial[stream]
+            seen = self._seen[stream]
             self._partial[stream] = b""
+            self._seen[stream] = 0
             if rest:
                 self._log.write(rest + b"\n")
                 self.bytes += len(rest)
-                self._note(stream, [rest])
+                self._note(stream, [rest[seen:]], b"")
 
-    def _note(self, stream: str, lines: list[bytes]) -> None:
-        for raw in lines[-STDERR_TAIL_LINES:] if self._on_line is None else lines:
+    def _note(self, stream: str, complete: list[bytes], pending: bytes) -> None:
+        """Take in the lines that just ended (``complete``) and, for the message and
+        the progress only, the progress-bar piece still being redrawn (``pending``)."""
+        for raw in complete[-STDERR_TAIL_LINES:] if self._on_line is None else complete:
             text = raw.decode("utf-8", "replace").rstrip()
-            if text.strip():
-                self.tail.append(text)
-                if self._on_line is not None:
+            if not text.strip():
+                continue
+            self.tail.append(text)
+            if stream == "stderr":
+                self.stderr_tail.append(text)  # for the failure message
+            if self._on_line is not None:
+                try:
                     self._on_line(stream, text.strip())
+                except Exception:  # a parser's bug must not stop the reading: the child would block
+                    self._on_line_errors += 1
+        lines = complete + [pending] if pending else complete
         newest: Optional[str] = None
         for raw in reversed(lines):  # newest first; usually one or two are enough
             text = raw.decode("utf-8", "replace").strip()
@@ -238,12 +256,6 @@ class _Output:
                 self.fraction = fraction
                 self.version += 1
                 break
-        if stream == "stderr":
-            # The newest lines of this chunk, oldest first, for the failure message.
-            for raw in lines[-STDERR_TAIL_LINES:]:
-                text = raw.decode("utf-8", "replace").rstrip()
-                if text.strip():
-                    self.stderr_tail.append(text)
 
     def _match(self, text: str) -> Optional[float]:
         if self._pattern is None:
@@ -512,7 +524,7 @@ def watch(
     return Watched(code, stop, proc.pid, output, log_path, duration)
 
 
-@job_kind(KIND, params=ProcessRun)
+@job_kind(KIND, params=ProcessRun, out_of_process=True)
 def run_process(ctx: JobContext, params: ProcessRun) -> dict:
     """Run a program (argv list) with a cwd, env additions and a timeout; log its output."""
     ctx.progress(0.0, stage="starting", message=" ".join(params.argv)[:MESSAGE_MAX_CHARS])
@@ -566,6 +578,7 @@ def register(registry: KindRegistry) -> KindSpec:
             name=KIND,
             handler=run_process,
             params=ProcessRun,
+            out_of_process=True,
             description=(run_process.__doc__ or "").strip().splitlines()[0],
         )
     )

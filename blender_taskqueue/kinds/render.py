@@ -127,6 +127,9 @@ class BlenderRender(BaseModel):
     factory_startup: bool = Field(False, description="start the child without user add-ons")
     timeout_s: Optional[float] = Field(None, gt=0)
     grace_s: float = Field(5.0, ge=0, le=60, description="between terminate and kill")
+    relative_base: Optional[str] = Field(
+        None, description="the folder '//' paths mean, when blend_file is a copy saved elsewhere"
+    )
     blend_is_copy: bool = Field(
         False, description="blend_file is a copy made for this job: delete it once every frame is written"
     )
@@ -142,6 +145,13 @@ class BlenderRender(BaseModel):
         if not path.is_file():
             raise ValueError(f"blend_file {value!r} does not exist")
         return str(path)
+
+    @field_validator("relative_base")
+    @classmethod
+    def _base_is_absolute(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not Path(value).is_absolute():
+            raise ValueError(f"relative_base {value!r} must be an absolute folder")
+        return value
 
     @field_validator("file_prefix")
     @classmethod
@@ -177,7 +187,8 @@ class BlenderRender(BaseModel):
     def resolved_output_dir(self) -> Path:
         assert self.output_dir is not None
         if self.output_dir.startswith("//"):
-            return Path(self.blend_file).parent / self.output_dir[2:]
+            base = Path(self.relative_base) if self.relative_base else Path(self.blend_file).parent
+            return base / self.output_dir[2:]
         return Path(self.output_dir).expanduser()
 
 
@@ -204,8 +215,13 @@ class _Progress:
                 event = json.loads(line[len(TAG):])
             except ValueError:
                 return
+            if not isinstance(event, dict):
+                return  # not ours: a scene script printing something that looks alike
             with self.lock:
-                self._event(event)
+                try:
+                    self._event(event)
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    pass
             return
         m = _SAMPLE.search(line)
         if m is not None:
@@ -228,7 +244,8 @@ class _Progress:
             self.saved[event["frame"]] = event["path"]
         elif kind == "saved":
             self.saved[event["frame"]] = event["path"]
-            self.rendered.append(event["frame"])
+            if event["frame"] not in self.rendered:
+                self.rendered.append(event["frame"])
             self.samples = None
         elif kind == "error":
             self.error = event.get("message") or "unknown error"
@@ -305,7 +322,7 @@ def driver_args(params: BlenderRender, output_dir: Path, since: Optional[float],
         "file_prefix": params.file_prefix,
         "overwrite": params.overwrite,
         "since": since,
-        "parent_pid": os.getpid(),
+        "relative_base": params.relative_base,
     }
 
 
@@ -321,23 +338,31 @@ def command(executable: str, params: BlenderRender, args: dict) -> list[str]:
     return argv + [params.blend_file, "--python", str(DRIVER), "--", payload]
 
 
-@job_kind(KIND, params=BlenderRender, resumable=True)
+@job_kind(KIND, params=BlenderRender, resumable=True, out_of_process=True)
 def render(ctx: JobContext, params: BlenderRender) -> dict:
     """Render frames of a saved .blend in a background Blender; resumable per frame."""
-    executable = find_blender(params.blender)
+    resume = ctx.resume_from or {}
+    resuming = "since" in resume
+    stop_leftover(ctx, resume.get("child"))
+    executable = resume.get("blender") if resuming and params.blender is None else None
+    if not executable or not os.path.isfile(executable):
+        executable = find_blender(params.blender)  # a resume keeps the Blender it began with
     output_dir = (
         params.resolved_output_dir() if params.output_dir is not None else ctx.workdir / "frames"
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume = ctx.resume_from or {}
-    stop_leftover(ctx, resume.get("child"))
-    since = resume.get("since")
-    if since is None:
-        # Frame files newer than this were written by this job: a resume keeps them.
-        since = time.time()
+    # Frame files newer than `since` (or listed in the checkpoint) were written by this
+    # job; a resume or a retry keeps them. A first run renders every frame.
+    since = resume["since"] if resuming else time.time()
+    kept = [f for f in resume.get("files", []) if isinstance(f, str)]
     child: dict[str, Any] = {}
-    ctx.checkpoint({"since": since, "files": resume.get("files", []), "child": None})
-    ctx.progress(0.0 if not resume else None, stage="starting Blender",
+
+    def save(files: list[str]) -> None:
+        ctx.checkpoint({"since": since, "output_dir": str(output_dir), "blender": executable,
+                        "files": files, "child": child or None})
+
+    save(kept)
+    ctx.progress(0.0 if not resuming else None, stage="starting Blender",
                  message=f"{Path(params.blend_file).name} -> {output_dir}")
     state = _Progress()
     written = [0]
@@ -351,16 +376,17 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
         ctx.progress(fraction, stage=stage, message=message)
         if done != written[0]:
             written[0] = done
-            ctx.checkpoint({"since": since, "files": state.files(), "child": child or None})
+            save(state.files())
 
     def started(pid: int) -> None:
         try:
             child.update(pid=pid, started=psutil.Process(pid).create_time())
         except psutil.Error:
             return
-        ctx.checkpoint({"since": since, "files": resume.get("files", []), "child": child})
+        save(kept)
 
-    args = driver_args(params, output_dir, since, is_python(executable))
+    args = driver_args(params, output_dir, since if resuming else None, is_python(executable))
+    args["keep"] = kept
     done = process.watch(
         ctx, command(executable, params, args), executable=executable,
         cwd=str(Path(params.blend_file).parent), env={CHILD_ENV: "1"},
@@ -368,7 +394,8 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
         on_line=state.on_line, publish=publish, on_start=started,
     )
     files = state.files()
-    ctx.checkpoint({"since": since, "files": files, "child": None})
+    child.clear()
+    save(files)
     where = f"{len(files)} of {state.total or '?'} frames written to {output_dir}"
     if done.stop == "cancel":
         raise JobCancelled(f"render cancelled; {where}")
@@ -415,6 +442,7 @@ def register(registry: KindRegistry) -> KindSpec:
             handler=render,
             params=BlenderRender,
             resumable=True,
+            out_of_process=True,
             description=(render.__doc__ or "").strip().splitlines()[0],
         )
     )

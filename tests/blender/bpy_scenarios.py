@@ -1055,6 +1055,21 @@ def scenario_background_render(folder: str) -> dict[str, Any]:
             out[name] = f"{type(exc).__name__}: {exc}"
     out["queued_after_bad"] = len(tq.jobs()) - before
     out["copies_after_bad"] = sorted(os.listdir(tq.engine().workdir_for("copies"))) == copies
+
+    # A cancelled render keeps its copy (for a retry) until it is cleared.
+    held = tq.render_current_file(frame=1, held=True, memory_mb=None)
+    held_copy = tq.get(held).params["blend_file"]
+    tq.cancel(held)
+    stray = os.path.join(str(tq.engine().workdir_for("copies")), "left-by-a-crash.blend")
+    with open(stray, "wb") as fh:
+        fh.write(b"BLENDER")
+    for path in (held_copy, stray):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    out["sweep_while_listed"] = sub("blender.background").sweep_copies(tq.engine())
+    out["held_copy_kept"] = os.path.isfile(held_copy)
+    out["clear"] = op(bpy.ops.taskqueue.clear_finished)
+    out["held_copy_after_clear"] = os.path.isfile(held_copy)
+    out["stray_after_clear"] = os.path.isfile(stray)
     return out
 
 

@@ -608,3 +608,11 @@ def test_render_in_background_refuses_bad_input(background_render: dict[str, Any
     assert r["bad_memory"].startswith("ValueError: memory_mb must be 'auto'")
     assert r["bad_format"].startswith("InvalidParams:") and "format" in r["bad_format"]
     assert r["queued_after_bad"] == 0 and r["copies_after_bad"], "no job and no copy left by bad input"
+
+
+def test_saved_copies_live_as_long_as_their_jobs(background_render: dict[str, Any]) -> None:
+    r = background_render
+    assert r["sweep_while_listed"] == 1, "only the stray copy no job renders is swept"
+    assert r["held_copy_kept"], "a cancelled render keeps its copy for a retry"
+    assert ok(r["clear"])
+    assert not r["held_copy_after_clear"] and not r["stray_after_clear"]

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -55,6 +56,15 @@ movie = main.copy()
 movie.name = "Movie"
 movie.use_fake_user = True
 movie.render.image_settings.file_format = "FFMPEG"
+comp = main.copy()
+comp.name = "Comp"
+comp.use_fake_user = True
+comp.use_nodes = True
+tree = comp.node_tree
+layers = next(n for n in tree.nodes if n.bl_idname == "CompositorNodeRLayers")
+output = tree.nodes.new("CompositorNodeOutputFile")
+output.base_path = "//fo/"
+tree.links.new(layers.outputs[0], output.inputs[0])
 bpy.ops.wm.save_as_mainfile(filepath=out)
 """
 
@@ -402,3 +412,58 @@ def test_a_copy_made_for_the_job_is_removed_only_once_it_is_done(engine, blend, 
     assert finish(engine, failed).state == JobState.FAILED
     assert not done_copy.exists(), "a finished render's copy is removed"
     assert failed_copy.exists(), "a failed render keeps its copy for a retry"
+
+
+def test_a_first_run_renders_over_frames_it_did_not_write(engine, blend, tmp_path):
+    """Only a resume keeps frames: a fresh job never takes a file it finds for its
+    own, even one with a future mtime (another job's, a skewed network clock)."""
+    out = tmp_path / "fresh"
+    out.mkdir()
+    junk = out / "frame_0002.png"
+    junk.write_bytes(b"junk")
+    future = time.time() + 3600
+    os.utime(junk, (future, future))
+    info = finish(engine, engine.submit(KIND, {"blend_file": blend, "frame_end": 2,
+                                               "output_dir": str(out)}))
+    assert info.state == JobState.COMPLETED, info.error
+    assert info.result["rendered"] == [1, 2] and info.result["kept"] == []
+    assert junk.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_an_empty_frame_file_is_never_kept(engine, blend, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    (out / "frame_0001.png").write_bytes(b"")
+    info = finish(engine, engine.submit(KIND, {"blend_file": blend, "frame_end": 1,
+                                               "output_dir": str(out), "overwrite": False}))
+    assert info.state == JobState.COMPLETED, info.error
+    assert info.result["rendered"] == [1] and (out / "frame_0001.png").stat().st_size > 0
+
+
+def test_a_copy_saved_elsewhere_writes_file_outputs_beside_the_original(engine, blend, tmp_path):
+    """In a copy, '//' would mean the copy's folder; relative_base points the
+    compositor's File Output nodes back at the user's folder."""
+    original, elsewhere = tmp_path / "project", tmp_path / "copies"
+    original.mkdir()
+    elsewhere.mkdir()
+    copy = elsewhere / "copy.blend"
+    shutil.copy(blend, copy)
+    info = finish(engine, engine.submit(KIND, {
+        "blend_file": str(copy), "scene": "Comp", "frame": 1, "relative_base": str(original),
+        "output_dir": "//renders"}))
+    assert info.state == JobState.COMPLETED, info.error
+    assert info.result["output_dir"] == str(original / "renders")
+    assert list((original / "fo").glob("*0001.png")), "the File Output node wrote beside the original"
+    assert not (elsewhere / "fo").exists()
+
+
+def test_a_blender_started_through_a_wrapper_script_renders(engine, blend, tmp_path):
+    """A wrapper that runs Blender without exec (a site launcher, flatpak) is the
+    driver's parent: that must not look like an orphaned render."""
+    wrapper = tmp_path / "blender-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n"{BLENDER}" "$@"\nexit $?\n')
+    wrapper.chmod(0o755)
+    info = finish(engine, engine.submit(KIND, {"blend_file": blend, "frame_end": 2,
+                                               "blender": str(wrapper)}))
+    assert info.state == JobState.COMPLETED, info.error
+    assert info.result["rendered"] == [1, 2]

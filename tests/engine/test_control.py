@@ -780,6 +780,33 @@ def test_per_job_memory_is_reserved_while_it_runs(make_engine, rec):
     assert rec.peak == 1
 
 
+def test_out_of_process_memory_counts_against_free_memory_not_blenders_limit(make_engine, registry, rec):
+    """A kind whose work runs in child processes (a background render) needs the
+    machine's free memory, not room under Blender's own limit: a 3 GB render is
+    accepted and runs under a 1 GB max_memory_mb, yet two of them never fit in 4 GB."""
+    job_kind("t.child", out_of_process=True, registry=registry)(rec.handler)
+    probe = FakeProbe(available=4000, process=900)
+    engine = make_engine(max_workers=2, max_memory_mb=1000, memory_probe=probe)
+    with pytest.raises(ValueError, match="exceeds max_memory_mb"):
+        engine.submit("t.rec", {"name": "inside"}, memory_mb=3000)
+    first = engine.submit("t.child", {"name": "child1", "gate": True}, memory_mb=3000)
+    rec.wait_started(1)
+    second = engine.submit("t.child", {"name": "child2"}, memory_mb=3000)
+    wait_until(lambda: (engine.get(second).message or "").startswith("waiting for memory"))
+    assert "needs 3000 MB" in engine.get(second).message
+    assert "max_memory_mb" not in engine.get(second).message
+    # An in-process job of 50 MB still fits under Blender's limit: the children's
+    # 3 GB are not counted there (900 + 50 < 1000), only against free memory.
+    small = engine.submit("t.rec", {"name": "small"}, memory_mb=50, priority="high")
+    probe.available = 10_000
+    engine.check_timers()
+    assert engine.wait([small], timeout=WAIT)
+    rec.open("child1")
+    assert engine.wait([first, second], timeout=WAIT)
+    assert [engine.get(j).state for j in (first, second, small)] == [S.COMPLETED] * 3
+    assert engine._reserved_mb == engine._reserved_inside_mb == 0 and not engine._reservations
+
+
 def test_cancel_a_job_waiting_for_memory(make_engine, rec):
     probe = FakeProbe(available=100)
     engine = make_engine(memory_probe=probe)

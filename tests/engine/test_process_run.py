@@ -417,3 +417,43 @@ def test_import_registers_in_the_shared_registry():
     spec = registry.get(KIND)
     assert spec.handler is process_kind.run_process
     assert spec.params is process_kind.ProcessRun
+
+
+# ---------------------------------------------------------------- output parsing
+
+
+def test_each_line_is_passed_on_once_however_the_reads_split_it():
+    import io
+
+    seen: list[tuple[str, str]] = []
+    out = process_kind._Output(io.BytesIO(), None, lambda stream, line: seen.append((stream, line)))
+    # "\r\n" split across two reads, a progress bar redrawn with "\r", a line in pieces.
+    for chunk in (b"one\r", b"\ntwo\n", b"\r10%", b"\r20%", b"\r30%\n", b"thr", b"ee\n", b"last"):
+        out.feed("stdout", chunk)
+    out.close("stdout")
+    assert seen == [("stdout", x) for x in ("one", "two", "10%", "20%", "30%", "three", "last")]
+    assert list(out.tail) == ["one", "two", "10%", "20%", "30%", "three", "last"]
+
+
+def test_a_progress_bar_still_being_redrawn_moves_the_message():
+    import io
+
+    out = process_kind._Output(io.BytesIO(), process_kind.progress_pattern(r"(?P<percent>\d+)%"))
+    out.feed("stderr", b"\r 40%|####")
+    assert out.snapshot()[1:] == (0.4, "40%|####")
+    assert list(out.tail) == [], "an unfinished line is not in the tail yet"
+
+
+def test_a_line_parser_that_raises_does_not_stop_the_reading():
+    import io
+
+    calls: list[str] = []
+
+    def parser(stream: str, line: str) -> None:
+        calls.append(line)
+        if line == "bad":
+            raise AttributeError("a parser bug")
+
+    out = process_kind._Output(io.BytesIO(), None, parser)
+    out.feed("stdout", b"good\nbad\nafter\n")
+    assert calls == ["good", "bad", "after"] and out._on_line_errors == 1
