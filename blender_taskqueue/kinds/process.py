@@ -36,7 +36,8 @@ from typing import IO, Any, Callable, Optional
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..engine import JobCancelled, JobContext, KindRegistry, KindSpec, job_kind
+from ..engine import JobCancelled, JobContext, KindRegistry, KindSpec
+from ..engine import registry as shared_registry
 
 KIND = "process.run"
 LOG_NAME = "output.log"
@@ -524,7 +525,6 @@ def watch(
     return Watched(code, stop, proc.pid, output, log_path, duration)
 
 
-@job_kind(KIND, params=ProcessRun, out_of_process=True)
 def run_process(ctx: JobContext, params: ProcessRun) -> dict:
     """Run a program (argv list) with a cwd, env additions and a timeout; log its output."""
     ctx.progress(0.0, stage="starting", message=" ".join(params.argv)[:MESSAGE_MAX_CHARS])
@@ -570,15 +570,19 @@ def failure_message(program: str, code: int, output: _Output, log_path: Path) ->
     return f"{text}\nLog: {log_path}"
 
 
+# One spec for the shared registry (importing this module registers the kind there)
+# and for any other registry a test or a bench passes to register().
+SPEC = KindSpec(
+    name=KIND,
+    handler=run_process,
+    params=ProcessRun,
+    out_of_process=True,
+    description=(run_process.__doc__ or "").strip().splitlines()[0],
+)
+shared_registry.register(SPEC)
+
+
 def register(registry: KindRegistry) -> KindSpec:
-    """Add ``process.run`` to ``registry`` (importing this module already added it to
-    the shared one)."""
-    return registry.register(
-        KindSpec(
-            name=KIND,
-            handler=run_process,
-            params=ProcessRun,
-            out_of_process=True,
-            description=(run_process.__doc__ or "").strip().splitlines()[0],
-        )
-    )
+    """Add the kind to ``registry`` (importing this module already added it to the
+    shared one)."""
+    return registry.register(SPEC)

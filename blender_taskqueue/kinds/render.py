@@ -40,7 +40,8 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import CHILD_ENV  # set in the child: the add-on stays out of its way there
-from ..engine import JobCancelled, JobContext, KindRegistry, KindSpec, job_kind
+from ..engine import JobCancelled, JobContext, KindRegistry, KindSpec
+from ..engine import registry as shared_registry
 from . import process
 
 KIND = "blender.render"
@@ -338,7 +339,6 @@ def command(executable: str, params: BlenderRender, args: dict) -> list[str]:
     return argv + [params.blend_file, "--python", str(DRIVER), "--", payload]
 
 
-@job_kind(KIND, params=BlenderRender, resumable=True, out_of_process=True)
 def render(ctx: JobContext, params: BlenderRender) -> dict:
     """Render frames of a saved .blend in a background Blender; resumable per frame."""
     resume = ctx.resume_from or {}
@@ -433,16 +433,19 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
     }
 
 
+# One spec for the shared registry (importing this module registers the kind there)
+# and for any other registry a test or a bench passes to register().
+SPEC = KindSpec(
+    name=KIND,
+    handler=render,
+    params=BlenderRender,
+    resumable=True, out_of_process=True,
+    description=(render.__doc__ or "").strip().splitlines()[0],
+)
+shared_registry.register(SPEC)
+
+
 def register(registry: KindRegistry) -> KindSpec:
-    """Add ``blender.render`` to ``registry`` (importing this module already added it to
-    the shared one)."""
-    return registry.register(
-        KindSpec(
-            name=KIND,
-            handler=render,
-            params=BlenderRender,
-            resumable=True,
-            out_of_process=True,
-            description=(render.__doc__ or "").strip().splitlines()[0],
-        )
-    )
+    """Add the kind to ``registry`` (importing this module already added it to the
+    shared one)."""
+    return registry.register(SPEC)
