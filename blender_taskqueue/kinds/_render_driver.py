@@ -3,8 +3,9 @@
 Not imported by the add-on: Blender runs this file with ``--python`` (or a Python
 that has the ``bpy`` module runs it directly, with ``"open": true`` so it opens
 the .blend itself). Its one argument, after ``--``, is a JSON object made by
-``render.driver_args``. It talks back through stdout lines that start with
-``TASKQUEUE `` followed by a JSON object with an ``event``:
+``render.driver_args``, or the path of a file that holds it. It talks back
+through stdout lines that start with ``TASKQUEUE `` followed by a JSON object
+with an ``event``:
 
 * ``plan``: the frames it will render, the scene, the engine, the file extension;
 * ``skip``: a frame whose file already exists and is kept (resume, no overwrite);
@@ -188,7 +189,12 @@ def save_frame(bpy, scene, partial, final):
 
 
 def main():
-    args = json.loads(sys.argv[sys.argv.index("--") + 1])
+    given = sys.argv[sys.argv.index("--") + 1]
+    if given.lstrip().startswith("{"):
+        args = json.loads(given)
+    else:  # a file that holds them (what blender.render passes)
+        with open(given, encoding="utf-8") as fh:
+            args = json.load(fh)
     parent = os.getppid()  # the job's worker process, not a wrapper that started us
     watch_parent(parent)
     import bpy

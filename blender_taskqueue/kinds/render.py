@@ -327,10 +327,12 @@ def driver_args(params: BlenderRender, output_dir: Path, since: Optional[float],
     }
 
 
-def command(executable: str, params: BlenderRender, args: dict) -> list[str]:
-    """The child's argv: ``blender -b file --python driver -- json``, or, for a Python
-    with the bpy module, ``python driver -- json`` (the driver opens the file)."""
-    payload = json.dumps(args)
+def command(executable: str, params: BlenderRender, args_file: Path) -> list[str]:
+    """The child's argv: ``blender -b file --python driver -- args.json``, or, for a
+    Python with the bpy module, ``python driver -- args.json`` (the driver opens the
+    file). The arguments go in a file: a resumed range lists every frame it keeps,
+    more than one argument may hold (128 KiB on Linux, 32 KiB a command on Windows)."""
+    payload = str(args_file)
     if is_python(executable):
         return [executable, str(DRIVER), "--", payload]
     argv = [executable, "-b"]
@@ -387,8 +389,10 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
 
     args = driver_args(params, output_dir, since if resuming else None, is_python(executable))
     args["keep"] = kept
+    args_file = ctx.workdir / "render-args.json"
+    args_file.write_text(json.dumps(args), encoding="utf-8")
     done = process.watch(
-        ctx, command(executable, params, args), executable=executable,
+        ctx, command(executable, params, args_file), executable=executable,
         cwd=str(Path(params.blend_file).parent), env={CHILD_ENV: "1"},
         timeout_s=params.timeout_s, grace_s=params.grace_s,
         on_line=state.on_line, publish=publish, on_start=started,

@@ -467,3 +467,39 @@ def test_a_blender_started_through_a_wrapper_script_renders(engine, blend, tmp_p
                                                "blender": str(wrapper)}))
     assert info.state == JobState.COMPLETED, info.error
     assert info.result["rendered"] == [1, 2]
+
+
+class _FakeCtx:
+    """Enough of a JobContext to run the handler directly with a chosen checkpoint."""
+
+    def __init__(self, workdir: Path, resume_from: dict) -> None:
+        self.workdir, self.resume_from = workdir, resume_from
+        self.job_id, self.kind, self.attempt = "fake-1", KIND, 1
+        self.cancelled = False
+        self.log = _Log()
+        self.log.info = lambda *a, **k: None  # type: ignore[attr-defined]
+        self.checkpoints: list[dict] = []
+
+    def raise_if_cancelled(self) -> None:
+        pass
+
+    def progress(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def checkpoint(self, data: dict) -> None:
+        self.checkpoints.append(data)
+
+
+def test_a_resume_that_keeps_thousands_of_frames_still_starts(blend, tmp_path):
+    """The kept frames reach the child in a file: on the command line, a long range's
+    list would pass what one argument may hold (128 KiB on Linux)."""
+    work, out = tmp_path / "work", tmp_path / "long"
+    work.mkdir()
+    many = [str(out / f"frame_{n:06d}_{'x' * 60}.png") for n in range(5000)]
+    ctx = _FakeCtx(work, {"since": time.time() - 60, "files": many, "child": None})
+    params = render_kind.BlenderRender(blend_file=blend, frame_end=1, output_dir=str(out))
+    result = render_kind.render(ctx, params)
+    assert result["rendered"] == [1]
+    assert (work / "render-args.json").stat().st_size > 128 * 1024, "the list really is that long"
+    argv = render_kind.command(BLENDER, params, work / "render-args.json")
+    assert max(len(a) for a in argv) < 4096
