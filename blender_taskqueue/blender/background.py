@@ -4,9 +4,10 @@
 file, its path and its unsaved state are untouched) and queues a
 ``blender.render`` job on that copy, so Blender stays free while a background
 Blender renders. The frames go where the scene's output path says, as a render
-from Blender would; the copy is deleted once every frame is written. The copy is made before the job exists because the kind checks
-at submit that its file exists; it goes to ``copies/`` beside the jobs' work
-folders, and the job's params name it.
+from Blender would. The copy is made before the job exists, because the kind
+checks at submit that its file exists: it goes to ``copies/`` beside the jobs'
+work folders, the job's params name it, and it is deleted once every frame is
+written (or swept once no listed job renders it).
 
 The job's log and output folder, and the tail of the log, are what the panel's
 details show for jobs that run external programs.
@@ -32,7 +33,7 @@ TAIL_BYTES = 8192
 TAIL_REFRESH_S = 0.5
 _BUFFERS = 8  # float RGBA buffers a render keeps per pixel (combined, passes, display)
 
-_tails: dict[str, tuple[float, int, int, list[str]]] = {}  # path -> (checked, mtime, size, lines)
+_tails: dict[str, tuple[float, int, int, list[str]]] = {}  # "lines:path" -> (checked, mtime, size, lines)
 EXISTS_REFRESH_S = 1.0
 _checked: dict[str, tuple[float, bool]] = {}  # "file:/path" -> (checked, exists)
 
