@@ -109,6 +109,7 @@ def phase_main(zip_path: Path, blend: Path) -> int:
     scene.render.engine = "BLENDER_WORKBENCH"
     scene.render.resolution_x, scene.render.resolution_y = 160, 90
     scene.frame_start, scene.frame_end = 1, 8
+    scene.render.filepath = str(blend.parent / "renders" / "demo_")  # where F12 would write too
     bpy.ops.taskqueue.render_in_background(frames="RANGE", format="PNG")
     from bl_ext.user_default.blender_taskqueue.blender import runtime  # type: ignore
 

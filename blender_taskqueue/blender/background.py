@@ -138,8 +138,12 @@ def scene_output(scene: Any) -> tuple[Optional[str], Optional[str]]:
     path = scene.render.filepath
     if not path or (path.startswith("//") and not bpy.data.filepath):
         return None, None
-    absolute = os.path.abspath(bpy.path.abspath(path))  # "/tmp\\" on Windows gets its drive
-    folder, name = os.path.split(absolute)
+    absolute = bpy.path.abspath(path)
+    if absolute.endswith(("/", "\\")):  # a folder (Blender's default "/tmp/"): no prefix of its own
+        folder, name = absolute, ""
+    else:
+        folder, name = os.path.split(absolute)
+    folder = os.path.abspath(folder)  # "/tmp\\" on Windows gets its drive
     prefix = "".join(c for c in name if c not in '#/\\\0:*?"<>|')
     return (folder or None), (prefix or None)
 

@@ -1056,6 +1056,13 @@ def scenario_background_render(folder: str) -> dict[str, Any]:
     out["queued_after_bad"] = len(tq.jobs()) - before
     out["copies_after_bad"] = sorted(os.listdir(tq.engine().workdir_for("copies"))) == copies
 
+    # Where the scene's output path sends the frames (the default is the folder "/tmp/").
+    outputs = {}
+    for path in ("/tmp/", "//renders/shot_", os.path.join(folder, "out", "take_##_"), ""):
+        scene.render.filepath = path
+        outputs[path or "empty"] = list(background.scene_output(scene))
+    out["scene_outputs"] = outputs
+
     # A cancelled render keeps its copy (for a retry) until it is cleared.
     held = tq.render_current_file(frame=1, held=True, memory_mb=None)
     held_copy = tq.get(held).params["blend_file"]

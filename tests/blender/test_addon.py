@@ -616,3 +616,12 @@ def test_saved_copies_live_as_long_as_their_jobs(background_render: dict[str, An
     assert r["held_copy_kept"], "a cancelled render keeps its copy for a retry"
     assert ok(r["clear"])
     assert not r["held_copy_after_clear"] and not r["stray_after_clear"]
+
+
+def test_the_scene_output_path_gives_folder_and_prefix(background_render: dict[str, Any]) -> None:
+    outputs = background_render["scene_outputs"]
+    folder = str(Path(background_render["filepath_after"]).parent)
+    assert outputs["/tmp/"] == ["/tmp", None], "a folder keeps its name; the files get the default prefix"
+    assert outputs["//renders/shot_"] == [str(Path(folder) / "renders"), "shot_"]
+    assert outputs[str(Path(folder) / "out" / "take_##_")] == [str(Path(folder) / "out"), "take__"]
+    assert outputs["empty"] == [None, None]
