@@ -55,6 +55,12 @@ class KindSpec:
                     raise InvalidParams(
                         f"invalid params for kind {self.name!r}: {_summarise(exc)}"
                     ) from None
+                except OSError as exc:
+                    # A validator that looks at the file system met a path the OS refuses
+                    # (too long, a bad name): pydantic only turns ValueErrors into errors.
+                    raise InvalidParams(
+                        f"invalid params for kind {self.name!r}: {_os_error(exc)}"
+                    ) from None
             try:
                 dumped = model.model_dump(mode="json")
                 json.dumps(dumped, allow_nan=False)
@@ -100,11 +106,30 @@ def _lists_for_tuples(obj: Any) -> Any:
     return obj
 
 
+def _os_error(exc: OSError) -> str:
+    """An OSError in a few words, with at most the ends of a long file name."""
+    what = exc.strerror or type(exc).__name__
+    name = exc.filename
+    if isinstance(name, (str, bytes)):
+        text = name if isinstance(name, str) else name.decode("utf-8", "replace")
+        return f"{what}: {_clip(repr(text), 120)}"
+    return what
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """``text``, its middle elided past ``limit`` characters (a 5,000-character path
+    must not bury the error that names it)."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 30) // 2
+    return f"{text[:keep]}…[{len(text) - 2 * keep} characters]…{text[-keep:]}"
+
+
 def _summarise(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ())) or "params"
-        parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
+        parts.append(f"{where}: {_clip(str(err.get('msg')))} (got {_clip(repr(err.get('input')), 120)})")
     return "; ".join(parts)
 
 
