@@ -300,6 +300,50 @@ def _context_switches() -> int:
     return usage.ru_nvcsw + usage.ru_nivcsw
 
 
+def _timed_job(engine: Engine, kind: str, params: dict[str, Any]) -> float:
+    """Seconds from submit until ``kind``'s job completed; raise if it did not."""
+    t0 = time.perf_counter()
+    job = engine.submit(kind, params)
+    if not engine.wait([job], timeout=WAIT_TIMEOUT_S):
+        raise RuntimeError(f"{kind} job {job} did not finish")
+    elapsed = time.perf_counter() - t0
+    info = engine.get(job)
+    if info.state != "completed":
+        raise RuntimeError(f"{kind} job ended {info.state}: {info.error}")
+    return elapsed
+
+
+def _paired(
+    report: Report,
+    key: str,
+    label: str,
+    rounds: int,
+    engine_side: Callable[[int], float],
+    raw_side: Callable[[int], float],
+    target: str,
+    note: str,
+    details_key: Optional[str] = None,
+) -> None:
+    """Run ``rounds`` pairs, alternating which side goes first, and report the median
+    engine time against the median raw time with the median of per-pair ratios (as
+    figure ``<key>_ms``; the samples under ``details_key``, default ``key``)."""
+    eng: list[float] = []
+    raw: list[float] = []
+    for r in range(rounds):
+        pair = (engine_side, raw_side) if r % 2 == 0 else (raw_side, engine_side)
+        for side in pair:
+            (eng if side is engine_side else raw).append(side(r))
+    report.add(Figure(
+        f"{key}_ms", f"{label} (median of {rounds})", "ms",
+        statistics.median(eng) * 1000, statistics.median(raw) * 1000,
+        target=target, note=note,
+        paired_ratio=statistics.median([e / b for e, b in zip(eng, raw, strict=True)]),
+    ))
+    report.details[details_key or key] = {
+        "engine_ms": [_round(x * 1000) for x in eng], "raw_ms": [_round(x * 1000) for x in raw],
+    }
+
+
 def _noop_raw() -> None:
     return None
 
@@ -894,52 +938,20 @@ class Bench:
             for key, argv in commands.items():
                 _log(self.quiet, f"process.run vs subprocess.run: {key} ({rounds} rounds)")
 
-                def engine_side(argv: list[str] = argv) -> float:
-                    t0 = time.perf_counter()
-                    job = engine.submit(process_kind.KIND,
-                                        {"argv": argv, "progress_regex": regex})
-                    if not engine.wait([job], timeout=WAIT_TIMEOUT_S):
-                        raise RuntimeError(f"process.run job {job} did not finish")
-                    elapsed = time.perf_counter() - t0
-                    info = engine.get(job)
-                    if info.state != "completed":
-                        raise RuntimeError(f"process.run job ended {info.state}: {info.error}")
-                    return elapsed
+                def engine_side(_r: int, argv: list[str] = argv) -> float:
+                    return _timed_job(engine, process_kind.KIND,
+                                      {"argv": argv, "progress_regex": regex})
 
-                def raw_side(argv: list[str] = argv) -> float:
+                def raw_side(_r: int, argv: list[str] = argv) -> float:
                     t0 = time.perf_counter()
                     subprocess.run(argv, capture_output=True, check=True)
                     return time.perf_counter() - t0
 
-                raw_side()  # warm the OS caches for both sides
-                eng: list[float] = []
-                raw: list[float] = []
-                for r in range(rounds):
-                    if r % 2 == 0:
-                        eng.append(engine_side())
-                        raw.append(raw_side())
-                    else:
-                        raw.append(raw_side())
-                        eng.append(engine_side())
-                ratios = [e / b for e, b in zip(eng, raw, strict=True)]
+                raw_side(-1)  # warm the OS caches for both sides
                 label = ("process.run, 100 ms command" if key == "sleep_100ms"
                          else f"process.run, {lines:,} output lines")
-                report.add(
-                    Figure(
-                        f"process_run_{key}_ms",
-                        f"{label} (median of {rounds})",
-                        "ms",
-                        statistics.median(eng) * 1000,
-                        statistics.median(raw) * 1000,
-                        target="process_overhead_ratio",
-                        note="baseline: subprocess.run(capture_output=True)",
-                        paired_ratio=statistics.median(ratios),
-                    )
-                )
-                report.details[f"process_run_{key}"] = {
-                    "engine_ms": [_round(x * 1000) for x in eng],
-                    "raw_ms": [_round(x * 1000) for x in raw],
-                }
+                _paired(report, f"process_run_{key}", label, rounds, engine_side, raw_side,
+                        "process_overhead_ratio", "baseline: subprocess.run(capture_output=True)")
         finally:
             engine.shutdown(wait=True, timeout=10.0)
 
@@ -981,16 +993,8 @@ class Bench:
             _log(self.quiet, f"blender.render vs blender -b -a: 12 frames ({rounds} rounds)")
 
             def engine_side(r: int) -> float:
-                t0 = time.perf_counter()
-                job = engine.submit(render_kind.KIND, {"blend_file": str(scene),
-                                                      "output_dir": str(work / f"job{r}")})
-                if not engine.wait([job], timeout=WAIT_TIMEOUT_S):
-                    raise RuntimeError(f"blender.render job {job} did not finish")
-                elapsed = time.perf_counter() - t0
-                info = engine.get(job)
-                if info.state != "completed":
-                    raise RuntimeError(f"blender.render job ended {info.state}: {info.error}")
-                return elapsed
+                return _timed_job(engine, render_kind.KIND, {"blend_file": str(scene),
+                                                             "output_dir": str(work / f"job{r}")})
 
             def raw_side(r: int) -> float:
                 t0 = time.perf_counter()
@@ -999,21 +1003,9 @@ class Bench:
                 return time.perf_counter() - t0
 
             raw_side(-1)  # warm the caches (and the shader cache) for both sides
-            eng: list[float] = []
-            raw: list[float] = []
-            for r in range(rounds):
-                pair = (engine_side, raw_side) if r % 2 == 0 else (raw_side, engine_side)
-                for side in pair:
-                    (eng if side is engine_side else raw).append(side(r))
-            report.add(Figure(
-                "blender_render_12_frames_ms", f"blender.render, 12 frames (median of {rounds})", "ms",
-                statistics.median(eng) * 1000, statistics.median(raw) * 1000,
-                target="render_overhead_ratio", note="baseline: blender -b file -a, same frames",
-                paired_ratio=statistics.median([e / b for e, b in zip(eng, raw, strict=True)]),
-            ))
-            report.details["blender_render"] = {
-                "engine_ms": [_round(x * 1000) for x in eng], "raw_ms": [_round(x * 1000) for x in raw],
-            }
+            _paired(report, "blender_render_12_frames", "blender.render, 12 frames", rounds,
+                    engine_side, raw_side, "render_overhead_ratio",
+                    "baseline: blender -b file -a, same frames", details_key="blender_render")
 
             # Cancel: from cancel() to the job's end, every process of its tree stopped.
             stops: dict[str, list[float]] = {"render": [], "process": []}
