@@ -1,32 +1,45 @@
-"""The Engine: a priority queue of jobs run on a pool of daemon worker threads.
+"""The Engine: the one public facade, the one lock, and the job state machine.
 
-Every state transition happens under one lock (``self._lock``), shared by three
-conditions: workers wait on ``_work_cv``, the watchdog on ``_timer_cv`` and
-``wait()`` callers on ``_done_cv``. Callbacks and handlers run with the lock
-released. A worker claims a job atomically (removes it from the scheduler and
-marks it dispatched under the lock), so a cancel and a start never both win.
+Owns: every job record and every state transition (enqueue, claim, run,
+finish, retry, requeue, terminal), all under one lock (``self._lock``); the
+public API (submit, cancel, move, release, wait, ...); and the wiring of the
+rooms that hold the other concerns, each with a small interface:
 
-Workers are daemon threads, not a ``concurrent.futures`` pool: the pool joins
-its threads at interpreter exit, so one handler that ignores cancellation would
-hang Blender's quit. Here shutdown asks, waits a bounded time, records what did
-not stop, and lets the process exit.
+  submission.py  argument checks and the record a submission becomes
+  admission.py   per-kind capacity and memory: may the next job start?
+  timers.py      retry backoffs and timeouts that fall due
+  workers.py     worker threads, the watchdog thread, the polite worker lock
+  executor.py    where a claimed job's work runs (local thread; a cluster later)
+  history.py     finished jobs kept, evicted ids, counts, throughput
+  callbacks.py   on_finished subscribers, on the main thread or a worker's
+  recovery.py    adopting dead engines' sidecars and .blend documents
+  store.py       the sidecar writer thread and its files
+  events.py      the coalescing event queue and main-thread calls
+
+A worker claims a job atomically (removes it from the scheduler and marks it
+dispatched under the lock), so a cancel and a start never both win. Callbacks
+and handlers run with the lock released. Rooms never take the lock
+themselves: the engine calls them while it holds it.
+
+Must not touch: bpy, files (the store and recovery own those), threads other
+than through ``WorkerPool``.
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import secrets
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from . import kinds as _kinds
-from .context import JobContext, _local
+from .admission import Admission
+from .callbacks import Callbacks
+from .context import JobContext
 from .errors import (
     EngineClosed,
     InvalidParams,
@@ -38,6 +51,8 @@ from .errors import (
     UnknownKind,
 )
 from .events import EventQueue, MainCallQueue
+from .executor import Executor, LocalExecutor, Outcome
+from .history import History
 from .kinds import KindRegistry, KindSpec
 from .logs import EngineLog
 from .models import (
@@ -49,42 +64,24 @@ from .models import (
     JobError,
     JobInfo,
     JobState,
-    parse_priority,
     parse_states,
 )
 from .record import JobRecord
+from .recovery import RANK, best_copies, claim_orphans, export_document, revive
 from .resources import MemoryProbe
 from .scheduler import Scheduler
-from .store import (
-    APP,
-    CLAIM_MARK,
-    SCHEMA_VERSION,
-    Owner,
-    _capture,
-    check_document,
-    job_to_dict,
-    SidecarError,
-    SnapshotStore,
-    claim_name,
-    job_from_dict,
-    move_aside,
-    read_sidecar,
-    sidecar_candidates,
-)
+from .store import Owner, _capture, check_document, SnapshotStore
+from .submission import PYTHON_CALL, IdList, build_record, first_line, id_list, spec_arguments
+from .timers import Timers
+from .workers import WorkerLock, WorkerPool
 
-PYTHON_CALL = "python.call"
 BACKOFF_CAP_S = 60.0
-EVICTED_MEMORY = 100_000  # evicted ids remembered, so wait() can tell "gone" from "never was"
-THROUGHPUT_WINDOW_S = 60.0
 GIL_YIELD_S = 0.001
-LOCK_YIELDS = 10  # GIL yields granted to a holder of the engine lock (see _WorkerLock)
+MEMORY_RECHECK_S = 0.25  # how often the watchdog re-reads memory while a job waits for it
 _perf = time.perf_counter
 _sleep = time.sleep
 
 _S = JobState
-_ACTIVE = (_S.DISPATCHED, _S.RUNNING)
-_RANK = {_S.SUBMITTED: 0, _S.QUEUED: 0, _S.DISPATCHED: 1, _S.RUNNING: 2,
-         _S.COMPLETED: 3, _S.FAILED: 3, _S.CANCELLED: 3, _S.INTERRUPTED: 3}
 
 
 def _python_call(ctx: JobContext, params: dict) -> Any:
@@ -98,50 +95,6 @@ PYTHON_CALL_SPEC = KindSpec(
     recoverable=False,
     description="An ad-hoc Python callable (tq.run); not recoverable after a crash",
 )
-
-IdList = Union[str, Iterable[str], None]
-
-
-class _WorkerLock:
-    """The engine lock as a worker takes it to record an outcome and claim its next job.
-
-    When the lock is taken, its holder is not running Python (this thread has the
-    GIL): it is almost always a thread that the switch interval preempted inside
-    its critical section and that now waits for the GIL. A blocking acquire
-    sleeps on the lock and hands the GIL to the next thread, which finds the lock
-    taken too; the lock then passes from sleeping thread to sleeping thread, each
-    handoff a wake-up, and the convoy sustains itself (measured: 4 workers on
-    no-op jobs at ~1.5 context switches per job and twice the CPU time). Yielding
-    the GIL instead lets the holder finish and release, and keeps sleepers off the
-    lock. One yield often hands the GIL straight back (the holder is slower to
-    wake), hence a few; after LOCK_YIELDS the holder is taken to be blocked
-    outside Python and this thread blocks as before. Only how the lock is
-    acquired changes, not what it guards.
-
-    Worker threads only: a Python-level ``__enter__`` that has acquired the lock
-    could be interrupted before the with-block starts by a KeyboardInterrupt,
-    which only the main thread receives. (Submit, the other hot path, keeps the
-    plain ``with self._lock``: with the workers off the lock's sleep queue, it
-    measured no different.)
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self, lock: Any) -> None:
-        self._lock = lock
-
-    def __enter__(self) -> None:
-        lock = self._lock
-        if lock.acquire(False):
-            return
-        for _ in range(LOCK_YIELDS):
-            _sleep(0)
-            if lock.acquire(False):
-                return
-        lock.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
 
 
 class Engine:
@@ -170,39 +123,29 @@ class Engine:
         self._memory = memory_probe or MemoryProbe(clock)
 
         self._lock = threading.Lock()
-        self._worker_lock = _WorkerLock(self._lock)
-        self._work_cv = threading.Condition(self._lock)
-        self._timer_cv = threading.Condition(self._lock)
+        self._worker_lock = WorkerLock(self._lock)
+        self._pool = WorkerPool(self, self._lock)
+        self._work_cv = self._pool.work_cv
+        self._timer_cv = self._pool.timer_cv
         self._done_cv = threading.Condition(self._lock)
 
         self._jobs: dict[str, JobRecord] = {}
         self._scheduler = Scheduler()
         self._running: dict[str, JobRecord] = {}
-        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._evicted: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._kind_running: collections.Counter[str] = collections.Counter()
-        self._backoff: list = []  # heap of (not_before, n, job)
-        self._deadlines: list = []  # heap of (deadline, n, job)
-        self._heap_n = itertools.count()
+        self._history = History()
+        self._admission = Admission(lambda: self._config, self._spec_or_none, self._memory)
+        self._timers = Timers()
+        self._local_executor: Executor = LocalExecutor(self)
         self._busy = 0
-        self._idle = 0  # workers waiting for work
         self._done_waiters = 0  # threads in wait()/shutdown() waiting on _done_cv
-        self._reserved_mb = 0  # memory_mb of the running jobs
-        self._reserved_inside_mb = 0  # the part of it inside this process (not out_of_process kinds)
-        self._reservations: dict[str, tuple[int, int]] = {}  # job id -> (memory_mb, inside part)
-        self._memory_blocked: Optional[JobRecord] = None
-        self._counts: collections.Counter[JobState] = collections.Counter()
-        self._finish_times: collections.deque[float] = collections.deque()
-        self._callbacks: list[tuple[Callable[[JobInfo], Any], bool]] = []
 
         self._events = EventQueue()
         self._main_calls = MainCallQueue()
+        self._callbacks = Callbacks(self._main_calls, lambda: self.logger)
         self.main_tick: Optional[Callable[[], Any]] = None  # set by the Blender pump
         # Set by the host (Blender): a reason to refuse a kind at submit, or None.
         self.submit_check: Optional[Callable[[KindSpec], Optional[str]]] = None
 
-        self._workers: set[threading.Thread] = set()
-        self._watchdog: Optional[threading.Thread] = None
         self._started = False
         self._closing = False
         self._closed = False
@@ -257,11 +200,8 @@ class Engine:
                 self._store.start()
                 self._adopt_locked()
             self._started = True
-            self._spawn_workers_locked()
-            self._watchdog = threading.Thread(
-                target=self._watchdog_main, name="taskqueue-watchdog", daemon=True
-            )
-            self._watchdog.start()
+            self._pool.grow_locked(self._config.max_workers)
+            self._pool.start_watchdog_locked()
             self._work_cv.notify_all()
         self.logger.info("engine started", max_workers=self._config.max_workers)
         return self
@@ -317,19 +257,16 @@ class Engine:
                 )
                 stuck.append(self._terminal_locked(job, _S.INTERRUPTED, now_wall))
             self._closed = True
-            self._work_cv.notify_all()
-            self._timer_cv.notify_all()
-            workers = [w for w in self._workers if w is not threading.current_thread()]
-            watchdog = self._watchdog
+            self._pool.stopped = True
+            self._pool.wake_all_locked()
+            workers = self._pool.others_locked()
         # Idle workers were woken and exit at once; a stuck one is not waited for
         # past the deadline (plus a moment for the idle ones).
-        end = max(deadline, time.monotonic()) + 0.2
-        for thread in workers + ([watchdog] if watchdog else []):
-            thread.join(max(0.0, end - time.monotonic()))
+        stuck_workers = self._pool.join(workers, max(deadline, time.monotonic()) + 0.2)
         for info in stuck:
             self._log_finished(info)
-            self._fire_callbacks(info)
-        self.logger.info("engine stopped", stuck_workers=sum(t.is_alive() for t in workers))
+            self._callbacks.fire_here(info)
+        self.logger.info("engine stopped", stuck_workers=stuck_workers)
         self._after_shutdown()
         self._log.close()
 
@@ -385,33 +322,10 @@ class Engine:
         """
         if not isinstance(specs, (list, tuple)):
             raise TypeError(f"submit_many takes a list of dicts, got {type(specs).__name__}")
-        allowed = {"kind", "params", "priority", "label", "timeout", "max_retries", "memory_mb", "held"}
         built = []
         for i, spec in enumerate(specs):
             try:
-                if not isinstance(spec, dict):
-                    raise TypeError(f"a job spec must be a dict, got {type(spec).__name__}")
-                unknown = set(spec) - allowed
-                if unknown:
-                    raise TypeError(
-                        f"unknown job spec keys {sorted(unknown)} (allowed: {sorted(allowed)})"
-                    )
-                if "kind" not in spec:
-                    raise TypeError("a job spec needs a 'kind'")
-                if spec["kind"] == PYTHON_CALL:
-                    raise InvalidParams("python.call jobs are made with run(fn), not submit_many()")
-                built.append(
-                    self._build(
-                        spec["kind"],
-                        spec.get("params"),
-                        spec.get("priority", "normal"),
-                        spec.get("label"),
-                        spec.get("timeout"),
-                        spec.get("max_retries", 0),
-                        spec.get("memory_mb"),
-                        spec.get("held", False),
-                    )
-                )
+                built.append(self._build(*spec_arguments(spec)))
             except Exception as exc:
                 raise type(exc)(f"specs[{i}]: {exc}") from None
         with self._lock:
@@ -467,37 +381,18 @@ class Engine:
             refusal = check(spec)
             if refusal:
                 raise NotPermitted(refusal)
-        json_params = spec.validate_params(params)
-        prio = parse_priority(priority)
-        if label is not None and not isinstance(label, str):
-            raise TypeError(f"label must be a str or None, got {type(label).__name__}")
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-                raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-            timeout = float(timeout)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-        if memory_mb is not None:
-            if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
-                raise ValueError(f"memory_mb must be a positive int or None, got {memory_mb!r}")
-            limit = self._config.max_memory_mb
-            if limit is not None and memory_mb > limit and not spec.out_of_process:
-                raise ValueError(
-                    f"memory_mb={memory_mb} exceeds max_memory_mb={limit}: the job could never start"
-                )
-        if not isinstance(held, bool):
-            raise TypeError(f"held must be a bool, got {held!r}")
-        return JobRecord(
+        return build_record(
+            spec,
             f"{self._id_prefix}-{next(self._id_counter)}",
-            kind,
-            label if label else kind,
-            json_params,
-            prio,
             self._wall(),
-            max_retries=max_retries,
-            timeout=timeout,
-            memory_mb=memory_mb,
-            held=held,
+            params,
+            priority,
+            label,
+            timeout,
+            max_retries,
+            memory_mb,
+            held,
+            max_memory_mb=self._config.max_memory_mb,
         )
 
     def _check_accepting_locked(self) -> None:
@@ -520,7 +415,7 @@ class Engine:
         self._events.state(job)
         self.order_version += 1
         self._changed_locked(job, urgent=True)
-        if job.ready and self._idle:
+        if job.ready and self._pool.idle:
             self._work_cv.notify()
 
     # ------------------------------------------------------------------ queries
@@ -530,7 +425,7 @@ class Engine:
         if job is None:
             if not isinstance(job_id, str):
                 raise TypeError(f"job id must be a str, got {job_id!r}")
-            if job_id in self._evicted:
+            if self._history.was_evicted(job_id):
                 raise JobNotFound(
                     f"job {job_id!r} finished and was evicted from history "
                     f"(history_limit={self._config.history_limit})"
@@ -555,29 +450,28 @@ class Engine:
             ordered = itertools.chain(
                 running,
                 self._scheduler,
-                (self._jobs[i] for i in reversed(self._finished)),
+                (self._jobs[i] for i in self._history.newest_first()),
             )
             return [j.snapshot() for j in ordered if wanted is None or j.state in wanted]
 
     def stats(self) -> EngineStats:
         """Counts, worker use, throughput (jobs finished per minute over the last minute), memory."""
         with self._lock:
-            now = self._clock()
-            self._trim_finish_times_locked(now)
             held = sum(1 for j in self._scheduler if j.held)
+            history = self._history
             return EngineStats(
                 queued=len(self._scheduler),
                 held=held,
                 running=len(self._running),
                 max_workers=self._config.max_workers,
                 busy_workers=self._busy,
-                completed=self._counts[_S.COMPLETED],
-                failed=self._counts[_S.FAILED],
-                cancelled=self._counts[_S.CANCELLED],
-                interrupted=self._counts[_S.INTERRUPTED],
-                finished_kept=len(self._finished),
-                throughput_per_min=len(self._finish_times) * 60.0 / THROUGHPUT_WINDOW_S,
-                waiting_for_memory=1 if self._memory_blocked is not None else 0,
+                completed=history.counts[_S.COMPLETED],
+                failed=history.counts[_S.FAILED],
+                cancelled=history.counts[_S.CANCELLED],
+                interrupted=history.counts[_S.INTERRUPTED],
+                finished_kept=len(history),
+                throughput_per_min=history.per_minute(self._clock()),
+                waiting_for_memory=1 if self._admission.blocked is not None else 0,
                 paused=self._paused,
                 process_memory_mb=round(self._memory.process_mb(), 1),
                 available_memory_mb=round(self._memory.available_mb(), 1),
@@ -586,11 +480,6 @@ class Engine:
 
     def _write_error(self) -> Optional[str]:
         return self._store.error if self._store is not None else None
-
-    def _trim_finish_times_locked(self, now: float) -> None:
-        times = self._finish_times
-        while times and times[0] < now - THROUGHPUT_WINDOW_S:
-            times.popleft()
 
     # ------------------------------------------------------------------ steering
 
@@ -617,14 +506,14 @@ class Engine:
                     self._request_stop_locked(job, "user")
                 return True
         self._log_finished(info)
-        self._fire_callbacks(info)
+        self._callbacks.fire_here(info)
         return True
 
     def _unqueue_locked(self, job: JobRecord) -> None:
         self._scheduler.remove(job)
         job.not_before = None
-        if self._memory_blocked is job:
-            self._memory_blocked = None  # the jobs behind it may fit
+        if self._admission.blocked is job:
+            self._admission.blocked = None  # the jobs behind it may fit
             self._work_cv.notify_all()
         self.order_version += 1
 
@@ -708,7 +597,7 @@ class Engine:
             if ids is None:
                 targets = [j for j in self._scheduler if j.held]
             else:
-                targets = [self._get_locked(i) for i in _id_list(ids)]
+                targets = [self._get_locked(i) for i in id_list(ids)]
                 for job in targets:
                     if not job.in_queue:
                         raise InvalidStateError(
@@ -772,7 +661,7 @@ class Engine:
         with self._lock:
             old, self._config = self._config, new
             if self._started and not self._closing:
-                self._spawn_workers_locked()
+                self._pool.grow_locked(new.max_workers)
             self._evict_locked()
             self._memory.invalidate()
             self._work_cv.notify_all()
@@ -784,14 +673,13 @@ class Engine:
     def clear_finished(self) -> int:
         """Forget every finished job. Returns how many."""
         with self._lock:
-            n = len(self._finished)
-            for job_id in list(self._finished):
+            gone = self._history.take_all()
+            for job_id in gone:
                 self._forget_locked(job_id)
-            self._finished.clear()
-            if n:
+            if gone:
                 self.order_version += 1
                 self._changed_locked(None, urgent=True)
-            return n
+            return len(gone)
 
     def _forget_locked(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
@@ -799,15 +687,10 @@ class Engine:
         self._progress_dirty.pop(job_id, None)
         if self._store is not None:
             self._removed.add(job_id)
-        self._evicted[job_id] = None
-        if len(self._evicted) > EVICTED_MEMORY:
-            self._evicted.popitem(last=False)
+        self._history.note_evicted(job_id)
 
     def _evict_locked(self) -> None:
-        limit = self._config.history_limit
-        finished = self._finished
-        while len(finished) > limit:
-            job_id, _ = finished.popitem(last=False)
+        for job_id in self._history.over_limit(self._config.history_limit):
             self._forget_locked(job_id)
 
     # ------------------------------------------------------------------ waiting, callbacks, pump
@@ -831,9 +714,9 @@ class Engine:
             if ids is None:
                 watch = [j.id for j in self._jobs.values() if not j.state.is_terminal]
             else:
-                watch = list(_id_list(ids))
+                watch = id_list(ids)
                 for job_id in watch:
-                    if job_id not in self._jobs and job_id not in self._evicted:
+                    if job_id not in self._jobs and not self._history.was_evicted(job_id):
                         self._get_locked(job_id)  # raises with a clear message
         cursor = 0  # watch[:cursor] have finished; jobs mostly finish in order
         while True:
@@ -875,37 +758,14 @@ class Engine:
         """
         if not callable(callback):
             raise TypeError(f"on_finished needs a callable, got {callback!r}")
-        entry = (callback, bool(on_main))
         with self._lock:
-            self._callbacks.append(entry)
+            entry = self._callbacks.add_locked(callback, on_main)
 
         def unsubscribe() -> None:
             with self._lock:
-                if entry in self._callbacks:
-                    self._callbacks.remove(entry)
+                self._callbacks.remove_locked(entry)
 
         return unsubscribe
-
-    def _queue_main_callbacks_locked(self, info: JobInfo) -> None:
-        # Queued under the lock, in the same hold that makes the job terminal, so a
-        # main-thread wait() that sees the job finished also finds its callbacks.
-        for callback, on_main in self._callbacks:
-            if on_main:
-                self._main_calls.put(self._safe_callback, callback, info)
-
-    def _fire_callbacks(self, info: Optional[JobInfo]) -> None:
-        """Run the worker-thread callbacks (main-thread ones are already queued)."""
-        if info is None or not self._callbacks:
-            return
-        for callback, on_main in list(self._callbacks):
-            if not on_main:
-                self._safe_callback(callback, info)
-
-    def _safe_callback(self, callback: Callable[[JobInfo], Any], info: JobInfo) -> None:
-        try:
-            callback(info)
-        except Exception:
-            self.logger.exception("on_finished callback failed", job_id=info.id, callback=repr(callback))
 
     def drain_events(self) -> list[Event]:
         """Everything that happened since the last drain: state changes in order, at most
@@ -947,43 +807,11 @@ class Engine:
 
     def _adopt_locked(self) -> None:
         """Take over the sidecars of dead or shut-down engines in ``state_dir``."""
-        store = self._store
-        assert store is not None
-        problems: list[str] = []
-        moved: list[str] = []
-        documents: list[tuple[str, dict]] = []
-        for path in sidecar_candidates(store.dir, store.path):
-            try:
-                data = read_sidecar(path)
-            except (OSError, SidecarError) as exc:
-                reason = "unreadable" if isinstance(exc, OSError) else "corrupt"
-                problems.append(f"{path.name}: {exc}")
-                try:
-                    moved.append(move_aside(path, reason).name)
-                except OSError as move_exc:
-                    problems.append(f"{path.name}: could not move it aside: {move_exc}")
-                self.logger.error("damaged queue file moved aside", path=str(path), error=str(exc))
-                continue
-            owner = data["_owner"]
-            if CLAIM_MARK not in path.name and not data.get("closed") and owner.is_alive():
-                continue  # a live engine's queue: never touch it
-            claimed = claim_name(path, store.owner)
-            try:
-                path.rename(claimed)  # atomic: of two engines adopting at once, one wins
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                problems.append(f"{path.name}: cannot claim it: {exc}")
-                continue
-            source = path.name.split(CLAIM_MARK, 1)[0]
-            stale_tmp = path.with_name(f".{source}.tmp")  # a write its owner never finished
-            try:
-                stale_tmp.unlink()
-            except OSError:
-                pass
-            documents.append((source, data))
-            store.after_next_write(claimed)  # deleted once our sidecar holds its jobs
-        recovery = self._merge_documents_locked(documents, problems=problems, moved=moved)
+        assert self._store is not None
+        claimed = claim_orphans(self._store, self.logger)
+        recovery = self._merge_documents_locked(
+            claimed.documents, problems=claimed.problems, moved=claimed.moved
+        )
         if recovery is not None:
             self.recovery = recovery
             self.logger.info("recovered queue", summary=recovery.summary, problems=list(recovery.problems))
@@ -996,41 +824,39 @@ class Engine:
         moved: Optional[list[str]] = None,
         hold: bool = False,
     ) -> Optional[Recovery]:
-        """Adopt the jobs of checked queue documents (sidecars, or a .blend's copy).
-
-        The same job may stand in several documents (an adopter that died before
-        deleting the file it claimed); its most advanced copy wins, so a job that
-        finished anywhere is never queued again.
-        """
+        """Adopt the jobs of checked queue documents (sidecars, or a .blend's copy):
+        the most advanced copy of each (``recovery.best_copies``), revived
+        (``recovery.revive``) into the queue or the history."""
         problems = problems if problems is not None else []
         moved = moved if moved is not None else []
         counts: collections.Counter[str] = collections.Counter()
-        best: dict[tuple, tuple[str, JobRecord]] = {}
-        for source, data in documents:
-            for entry in data["jobs"]:
-                try:
-                    job = job_from_dict(entry)
-                except SidecarError as exc:
-                    problems.append(f"{source}: {exc}")
-                    continue
-                ident = (job.id, job.kind, job.created_at)
-                kept = best.get(ident)
-                if kept is not None:
-                    counts["duplicates"] += 1
-                if kept is None or _RANK[job.state] > _RANK[kept[1].state]:
-                    best[ident] = (source, job)
         queued: list[JobRecord] = []
         finished: list[JobRecord] = []
-        for source, job in best.values():
-            self._adopt_record_locked(job, source, counts, queued, finished, hold=hold)
+        for source, job in best_copies(documents, problems, counts):
+            if not self._make_room_for_locked(job, counts):
+                continue
+            job.recovered_from = source
+            counted = revive(
+                job,
+                self._spec_or_none(job.kind),
+                hold=hold,
+                auto_resume=self._config.auto_resume,
+                now_wall=self._wall(),
+            )
+            counts[counted] += 1
+            if counted in ("finished", "interrupted"):
+                finished.append(job)
+            else:
+                if job.held:
+                    counts["held"] += 1
+                queued.append(job)
+            self._jobs[job.id] = job
         queued.sort(key=lambda j: (j.priority, j.key[1] if j.key else 0))
         for job in queued:
             self._scheduler.add(job)
         if finished:
             finished.sort(key=lambda j: j.finished_at or 0.0)
-            self._finished = collections.OrderedDict(
-                [(j.id, None) for j in finished] + [(i, None) for i in self._finished]
-            )
+            self._history.put_older(j.id for j in finished)
         for job in queued + finished:
             self._events.state(job)
             self._changed_locked(job, urgent=True)
@@ -1055,19 +881,37 @@ class Engine:
         self._events.notice(recovery.summary, level=level)
         return recovery
 
+    def _make_room_for_locked(self, job: JobRecord, counts: collections.Counter) -> bool:
+        """Settle an adopted job whose id is already known here. Returns False to skip it.
+
+        The same job (same kind and creation time) is adopted only if the copy here
+        is still queued and behind it (e.g. restored from a .blend while the
+        sidecar saw it finish): the adopted one replaces it. A different job with
+        the same id gets a new id (``id~2``).
+        """
+        existing = self._jobs.get(job.id)
+        if existing is None:
+            return True
+        if existing.kind == job.kind and existing.created_at == job.created_at:
+            counts["duplicates"] += 1
+            if not (existing.in_queue and RANK[job.state] > RANK[existing.state]):
+                return False
+            self._unqueue_locked(existing)
+            del self._jobs[existing.id]
+            return True
+        n = 2
+        while f"{job.id}~{n}" in self._jobs:
+            n += 1
+        job.id = f"{job.id}~{n}"
+        return True
+
     def export_state(self) -> dict:
         """The whole queue as a JSON-ready document (the sidecar's schema), e.g. to
         store it inside a .blend file."""
         with self._lock:
             captured = [_capture(job) for job in self._jobs.values()]
-        return {
-            "app": APP,
-            "schema_version": SCHEMA_VERSION,
-            "owner": (self._store.owner if self._store else Owner.current(self._id_prefix)).as_dict(),
-            "closed": True,
-            "written_at": time.time(),
-            "jobs": [job_to_dict(values, self.workdir_for) for values in captured],
-        }
+        owner = self._store.owner if self._store else Owner.current(self._id_prefix)
+        return export_document(captured, owner, self.workdir_for)
 
     def import_state(self, document: Any, *, source: str = "imported", hold: bool = True) -> Recovery:
         """Adopt the jobs of an ``export_state()`` document, e.g. from an opened .blend.
@@ -1085,128 +929,23 @@ class Engine:
         self.logger.info("imported queue", source=source, summary=recovery.summary)
         return recovery
 
-    def _adopt_record_locked(
-        self,
-        job: JobRecord,
-        source: str,
-        counts: collections.Counter,
-        queued: list[JobRecord],
-        finished: list[JobRecord],
-        *,
-        hold: bool = False,
-    ) -> None:
-        existing = self._jobs.get(job.id)
-        if existing is not None:
-            if existing.kind == job.kind and existing.created_at == job.created_at:
-                counts["duplicates"] += 1
-                if not (existing.in_queue and _RANK[job.state] > _RANK[existing.state]):
-                    return
-                # The copy here is behind the adopted one (e.g. restored from a .blend
-                # while the sidecar saw it finish): the adopted one wins.
-                self._unqueue_locked(existing)
-                del self._jobs[existing.id]
-            else:
-                n = 2
-                while f"{job.id}~{n}" in self._jobs:
-                    n += 1
-                job.id = f"{job.id}~{n}"
-        job.recovered_from = source
-        spec = self._spec_or_none(job.kind)
-        state = job.state
-        if state.is_terminal:
-            counts["finished"] += 1
-            finished.append(job)
-            self._jobs[job.id] = job
-            return
-        resumable = spec is not None and spec.resumable
-        if job.kind != PYTHON_CALL and (state is not _S.RUNNING or resumable):
-            if state is _S.DISPATCHED:
-                job.attempt = max(0, job.attempt - 1)  # claimed, never started
-            if state is _S.RUNNING:
-                counts["resumed"] += 1
-                job.attempt = max(0, job.attempt - 1)  # the resume continues that attempt
-                job.message = (
-                    "resumes from its checkpoint after a crash"
-                    if job.checkpoint is not None
-                    else "starts again after a crash (it had no checkpoint)"
-                )
-            else:
-                counts["requeued"] += 1
-            job.state = _S.QUEUED
-            if spec is None:
-                job.held = True
-                job.message = (
-                    f"held: kind {job.kind!r} is not registered; enable the add-on that "
-                    "provides it, then release the job"
-                )
-            elif hold or not self._config.auto_resume:
-                job.held = True
-            if job.held:
-                counts["held"] += 1
-            job.ready = not job.held
-            queued.append(job)
-            self._jobs[job.id] = job
-            return
-        counts["interrupted"] += 1
-        job.state = _S.INTERRUPTED
-        job.finished_at = self._wall()
-        if job.kind == PYTHON_CALL:
-            job.message = "ad-hoc python.call jobs cannot be recovered after a crash; run it again"
-        elif spec is None:
-            job.message = (
-                f"was running when its process ended; kind {job.kind!r} is not registered, "
-                "so it cannot resume (retry it once the add-on is enabled)"
-            )
-        else:
-            job.message = "was running when its process ended; its partial result is kept"
-        finished.append(job)
-        self._jobs[job.id] = job
+    # ------------------------------------------------------------------ the state machine
 
-    # ------------------------------------------------------------------ workers
+    def _worker_should_exit_locked(self, pool: WorkerPool) -> bool:
+        return self._closing or len(pool) > self._config.max_workers
 
-    def _spawn_workers_locked(self) -> None:
-        while len(self._workers) < self._config.max_workers:
-            thread = threading.Thread(
-                target=self._worker_main, name=f"taskqueue-worker-{next(self._heap_n)}", daemon=True
-            )
-            self._workers.add(thread)
-            thread.start()
-
-    def _worker_main(self) -> None:
-        me = threading.current_thread()
-        job: Optional[JobRecord] = None
-        while True:
-            if job is None:
-                with self._lock:
-                    while True:
-                        if self._closing or len(self._workers) > self._config.max_workers:
-                            self._workers.discard(me)
-                            return
-                        job = self._claim_locked()
-                        if job is not None:
-                            break
-                        self._idle += 1
-                        try:
-                            self._work_cv.wait()
-                        finally:
-                            self._idle -= 1
-            # _execute finishes the job and, in the same lock hold, claims the next one.
-            job = self._execute(job)
+    def _now(self) -> float:
+        return self._clock()
 
     def _wake_idle_locked(self) -> None:
         """Wake one idle worker if one waits and something is ready to run."""
-        if self._idle and self._scheduler.ready_count():
+        if self._pool.idle and self._scheduler.ready_count():
             self._work_cv.notify()
-
-    def _kind_has_room(self, kind: str) -> bool:
-        spec = self._spec_or_none(kind)
-        limit = spec.max_concurrency if spec is not None else None
-        return limit is None or self._kind_running[kind] < limit
 
     def _claim_locked(self) -> Optional[JobRecord]:
         if self._paused or not self._started or self._busy >= self._config.max_workers:
             return None
-        job = self._scheduler.next_ready(self._kind_has_room)
+        job = self._scheduler.next_ready(self._admission.kind_has_room)
         if job is None or not self._memory_admits_locked(job):
             return None
         self._scheduler.remove(job)
@@ -1215,97 +954,36 @@ class Engine:
         job.attempt += 1
         job.not_before = None
         self._running[job.id] = job
-        self._kind_running[job.kind] += 1
         self._busy += 1
-        self._reserve_locked(job, 1)
+        self._admission.take(job)
         self._events.state(job)
         self._mark_running_locked(job)
         return job
 
-    def _inside(self, job: JobRecord) -> bool:
-        """Whether the job's memory is used inside this process (see out_of_process)."""
-        spec = self._registry.find(job.kind)
-        return spec is None or not spec.out_of_process
-
-    def _reserve_locked(self, job: JobRecord, sign: int) -> None:
-        """Reserve (+1) or release (-1) a running job's memory_mb; a release undoes
-        exactly what the reservation took, whatever the registry says by then."""
-        if sign > 0:
-            need = job.memory_mb or 0
-            if need:
-                inside = need if self._inside(job) else 0
-                self._reservations[job.id] = (need, inside)
-                self._reserved_mb += need
-                self._reserved_inside_mb += inside
-        else:
-            need, inside = self._reservations.pop(job.id, (0, 0))
-            self._reserved_mb -= need
-            self._reserved_inside_mb -= inside
-
     def _memory_admits_locked(self, job: JobRecord) -> bool:
-        cfg = self._config
-        need = job.memory_mb or 0
-        if cfg.min_free_memory_mb is None and cfg.max_memory_mb is None and not need:
-            if self._memory_blocked is not None:  # the limits were lifted
-                self._memory_blocked.message = None
-                self._events.progress(self._memory_blocked)
-                self._memory_blocked = None
+        """Admission's memory verdict for the next job in order, made visible: the job
+        dispatch waits on says why in its message, and the watchdog re-checks."""
+        admission = self._admission
+        reasons = admission.memory_shortfall(job)
+        blocked = admission.blocked
+        if reasons is None:
+            if blocked is not None:  # the limits were lifted
+                blocked.message = None
+                self._events.progress(blocked)
+                admission.blocked = None
             return True
-        reasons = []
-        free = self._memory.available_mb() - self._reserved_mb
-        floor = cfg.min_free_memory_mb or 0
-        if free - need < floor:
-            reasons.append(
-                f"needs {need} MB + {floor} MB kept free, {max(free, 0):.0f} MB available"
-                if need
-                else f"{max(free, 0):.0f} MB free, below min_free_memory_mb={floor}"
-            )
-        if cfg.max_memory_mb is not None:
-            used = self._memory.process_mb() + self._reserved_inside_mb
-            inside = need if self._inside(job) else 0
-            if used + inside > cfg.max_memory_mb:
-                reasons.append(
-                    f"Blender uses {used:.0f} MB{f' + {inside} MB needed' if inside else ''}, "
-                    f"above max_memory_mb={cfg.max_memory_mb}"
-                )
         if reasons:
-            if self._memory_blocked is not job:
-                self._memory_blocked = job
+            if blocked is not job:
+                admission.blocked = job
                 job.message = "waiting for memory: " + "; ".join(reasons)
                 self._events.progress(job)
                 self.logger.info("dispatch waits for memory", job_id=job.id, reason=job.message)
                 self._timer_cv.notify()
             return False
-        if self._memory_blocked is job:
-            self._memory_blocked = None
+        if blocked is job:
+            admission.blocked = None
             job.message = None
         return True
-
-    def _execute(self, job: JobRecord) -> Optional[JobRecord]:
-        """Run ``job``'s handler and record the outcome; returns the next job to run."""
-        spec = self._spec_or_none(job.kind)
-        stage = "params"
-        outcome: tuple
-        try:
-            if spec is None:
-                raise UnknownKind(
-                    f"job kind {job.kind!r} is not registered (is the add-on that provides it enabled?)"
-                )
-            params = spec.handler_params(job.params)
-            if job.cancel_requested:
-                raise JobCancelled("cancelled before it started")
-            ctx = JobContext(self, job, params, job.checkpoint if spec.resumable else None)
-            stage = "run"
-            _local.ctx = ctx
-            result = spec.handler(ctx, params)
-            outcome = ("ok", result)
-        except JobCancelled as exc:
-            outcome = ("cancelled", exc)
-        except BaseException as exc:  # a handler's SystemExit must not kill the worker
-            outcome = ("error", exc, traceback.format_exc(), None if stage == "run" else stage)
-        finally:
-            _local.ctx = None
-        return self._finish(job, spec, outcome)
 
     def _mark_running_locked(self, job: JobRecord) -> None:
         job.state = _S.RUNNING
@@ -1314,13 +992,23 @@ class Engine:
         job.progress = 0.0 if job.checkpoint is None else job.progress
         job.eta_seconds = None
         if job.timeout is not None:
-            job.deadline = now + job.timeout
-            heapq.heappush(self._deadlines, (job.deadline, next(self._heap_n), job))
+            self._timers.add_deadline(job, now + job.timeout)
             self._timer_cv.notify()
         self._events.state(job)
         self._changed_locked(job, urgent=True)
 
-    def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: tuple) -> Optional[JobRecord]:
+    def _executor_for(self, spec: Optional[KindSpec]) -> Executor:
+        """Where a job's work runs: on this worker thread. (The seam for a cluster
+        executor: kinds marked for remote work would get it here.)"""
+        return self._local_executor
+
+    def _run_claimed(self, job: JobRecord) -> Optional[JobRecord]:
+        """Run a claimed job's work and record its outcome; returns the next job to run."""
+        spec = self._spec_or_none(job.kind)
+        outcome = self._executor_for(spec).execute(job, spec)
+        return self._finish(job, spec, outcome)
+
+    def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: Outcome) -> Optional[JobRecord]:
         info = None
         nxt = None
         with self._worker_lock:
@@ -1328,12 +1016,11 @@ class Engine:
                 return None  # recorded interrupted at shutdown; whatever it returned is moot
             del self._running[job.id]
             self._busy -= 1
-            self._kind_running[job.kind] -= 1
-            self._reserve_locked(job, -1)
+            self._admission.give_back(job)
             job.deadline = None
             now_wall = self._wall()
             reason = job.cancel_reason if job.cancel_requested else None
-            kind = outcome[0]
+            kind = outcome.kind
             if reason == "shutdown" and kind != "ok":
                 if spec is not None and spec.resumable and kind == "cancelled":
                     self._requeue_locked(job, "stopped by shutdown; resumes from its checkpoint")
@@ -1341,8 +1028,8 @@ class Engine:
                     job.message = "stopped by shutdown"
                     info = self._terminal_locked(job, _S.INTERRUPTED, now_wall)
             elif reason == "user" or (kind == "cancelled" and reason is None):
-                if kind == "cancelled" and str(outcome[1]):
-                    job.message = str(outcome[1])  # the handler's word on what it stopped
+                if kind == "cancelled" and str(outcome.value):
+                    job.message = str(outcome.value)  # the handler's word on what it stopped
                 info = self._terminal_locked(job, _S.CANCELLED, now_wall)
             elif reason == "timeout":
                 err = JobError(
@@ -1354,40 +1041,39 @@ class Engine:
                 )
                 info = self._fail_or_retry_locked(job, err, now_wall)
             elif kind == "error":
-                exc, tb, stage = outcome[1], outcome[2], outcome[3]
+                exc = outcome.value
                 err = JobError(
                     type(exc).__name__,
                     str(exc) or type(exc).__name__,
-                    tb,
-                    stage or job.stage,
+                    outcome.traceback,
+                    outcome.stage or job.stage,
                     job.attempt,
                 )
                 info = self._fail_or_retry_locked(job, err, now_wall)
             else:
-                job.result = outcome[1]
+                job.result = outcome.value
                 job.progress = 1.0
                 job.eta_seconds = 0.0
                 info = self._terminal_locked(job, _S.COMPLETED, now_wall)
-            if not self._closing and len(self._workers) <= self._config.max_workers:
+            if not self._closing and len(self._pool) <= self._config.max_workers:
                 nxt = self._claim_locked()
             self._wake_idle_locked()  # a kind or memory slot may have freed up for another
             self._notify_done_locked()
         if info is not None:
             self._log_finished(info)
-            self._fire_callbacks(info)
+            self._callbacks.fire_here(info)
         return nxt
 
     def _fail_or_retry_locked(self, job: JobRecord, err: JobError, now_wall: float) -> Optional[JobInfo]:
         job.errors = job.errors + (err,)
         if job.attempt <= job.max_retries and not self._closing:
             delay = min(BACKOFF_CAP_S, 2.0 ** (job.attempt - 1))
-            job.not_before = self._clock() + delay
-            heapq.heappush(self._backoff, (job.not_before, next(self._heap_n), job))
+            self._timers.add_backoff(job, self._clock() + delay)
             self._timer_cv.notify()
             self._requeue_locked(
                 job,
                 f"attempt {job.attempt} of {job.max_retries + 1} failed ({err.type}: "
-                f"{_first_line(err.message)}); retrying in {delay:g} s",
+                f"{first_line(err.message)}); retrying in {delay:g} s",
                 ready=False,
             )
             self.logger.warning(
@@ -1395,7 +1081,7 @@ class Engine:
                 job_id=job.id, kind=job.kind, attempt=job.attempt, error=err.type, delay_s=delay,
             )
             return None
-        job.message = f"{err.type}: {_first_line(err.message)}"
+        job.message = f"{err.type}: {first_line(err.message)}"
         return self._terminal_locked(job, _S.FAILED, now_wall)
 
     def _requeue_locked(self, job: JobRecord, message: str, *, ready: bool = True) -> None:
@@ -1415,26 +1101,21 @@ class Engine:
         if job.id in self._running:  # interrupted by shutdown while its handler still runs
             del self._running[job.id]
             self._busy -= 1
-            self._kind_running[job.kind] -= 1
-            self._reserve_locked(job, -1)
+            self._admission.give_back(job)
         job.state = state
         job.finished_at = now_wall
         if state is not _S.COMPLETED:
             job.eta_seconds = None
             job.result = None
         job.cancel_event = None
-        self._counts[state] += 1
-        now = self._clock()
-        self._finish_times.append(now)
-        self._trim_finish_times_locked(now)
-        self._finished[job.id] = None
+        self._history.record(job.id, state, self._clock())
         self.order_version += 1  # it moves from the running (or queued) part to history
         info = job.snapshot()
         self._events.state_info(info)
         if self._callbacks:
-            self._queue_main_callbacks_locked(info)
+            self._callbacks.queue_main_locked(info)
         self._changed_locked(job, urgent=True)
-        if len(self._finished) > self._config.history_limit:
+        if len(self._history) > self._config.history_limit:
             self._evict_locked()
         self._notify_done_locked()
         return info
@@ -1547,41 +1228,25 @@ class Engine:
 
     def _check_timers_locked(self, now: float) -> Optional[float]:
         wake = False
-        backoff = self._backoff
-        while backoff and backoff[0][0] <= now:
-            due, _, job = heapq.heappop(backoff)
-            if job.in_queue and job.not_before == due:
-                job.not_before = None
-                if not job.held:
-                    self._scheduler.set_ready(job, True)
-                    wake = True
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            due, _, job = heapq.heappop(deadlines)
-            if job.deadline == due and job.state in _ACTIVE and not job.cancel_requested:
-                job.timed_out = True
-                job.message = f"timed out after {job.timeout:g} s; waiting for the job to stop"
-                self._request_stop_locked(job, "timeout")
-                self.logger.warning("job timed out", job_id=job.id, kind=job.kind, timeout_s=job.timeout)
-        if self._memory_blocked is not None:
+        for job in self._timers.backoffs_ended(now):
+            if not job.held:
+                self._scheduler.set_ready(job, True)
+                wake = True
+        for job in self._timers.deadlines_passed(now):
+            job.timed_out = True
+            job.message = f"timed out after {job.timeout:g} s; waiting for the job to stop"
+            self._request_stop_locked(job, "timeout")
+            self.logger.warning("job timed out", job_id=job.id, kind=job.kind, timeout_s=job.timeout)
+        blocked = self._admission.blocked is not None
+        if blocked:
             self._memory.invalidate()
             wake = True
         if wake:
             self._work_cv.notify_all()
-        nxt = []
-        if backoff:
-            nxt.append(backoff[0][0] - now)
-        if deadlines:
-            nxt.append(deadlines[0][0] - now)
-        if self._memory_blocked is not None:
-            nxt.append(0.25)
-        return max(0.0, min(nxt)) if nxt else None
-
-    def _watchdog_main(self) -> None:
-        with self._lock:
-            while not self._closed:
-                delay = self._check_timers_locked(self._clock())
-                self._timer_cv.wait(delay)
+        nxt = self._timers.next_due(now)
+        if blocked:
+            nxt = MEMORY_RECHECK_S if nxt is None else min(nxt, MEMORY_RECHECK_S)
+        return nxt
 
     # ------------------------------------------------------------------ persistence hook
 
@@ -1595,22 +1260,3 @@ class Engine:
                 self._dirty.add(job)
             store.mark(urgent)
 
-
-def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= 200 else line[:199] + "…"
-
-
-def _id_list(ids: IdList) -> list[str]:
-    if isinstance(ids, str):
-        return [ids]
-    if ids is None:
-        return []
-    try:
-        out = list(ids)
-    except TypeError:
-        raise TypeError(f"ids must be a job id or an iterable of job ids, got {ids!r}") from None
-    for i in out:
-        if not isinstance(i, str):
-            raise TypeError(f"job ids must be str, got {i!r}")
-    return out

@@ -804,7 +804,8 @@ def test_out_of_process_memory_counts_against_free_memory_not_blenders_limit(mak
     rec.open("child1")
     assert engine.wait([first, second], timeout=WAIT)
     assert [engine.get(j).state for j in (first, second, small)] == [S.COMPLETED] * 3
-    assert engine._reserved_mb == engine._reserved_inside_mb == 0 and not engine._reservations
+    admission = engine._admission
+    assert admission.reserved_mb == admission.reserved_inside_mb == 0 and not admission.reservations
 
 
 def test_cancel_a_job_waiting_for_memory(make_engine, rec):
