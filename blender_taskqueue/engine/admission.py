@@ -74,6 +74,24 @@ class Admission:
             self.reserved_mb -= need
             self.reserved_inside_mb -= inside
 
+    def never_fits(self, need: Optional[int], inside: bool) -> Optional[str]:
+        """Why a job needing ``need`` MB could never start under the current limits
+        on this machine, or None. Such a job must never wait at the head of the queue."""
+        if not need:
+            return None
+        cfg = self._config()
+        total = self._memory.total_mb()
+        floor = cfg.min_free_memory_mb or 0
+        if need > total - floor:
+            kept = f" with min_free_memory_mb={floor} kept free" if floor else ""
+            return (
+                f"memory_mb={need} can never fit: this machine has {total:.0f} MB of memory "
+                f"in all{kept}"
+            )
+        if inside and cfg.max_memory_mb is not None and need > cfg.max_memory_mb:
+            return f"memory_mb={need} exceeds max_memory_mb={cfg.max_memory_mb}: the job could never start"
+        return None
+
     def memory_shortfall(self, job: JobRecord) -> Optional[list[str]]:
         """Why ``job`` does not fit in memory now: None when no memory limit applies
         at all, an empty list when it fits, else the reasons, as a person reads them."""

@@ -64,13 +64,15 @@ from .models import (
     JobError,
     JobInfo,
     JobState,
+    job_id_error,
     parse_states,
 )
 from .record import JobRecord
 from .recovery import RANK, best_copies, claim_orphans, export_document, revive
 from .resources import MemoryProbe
+from .results import ResultLoader
 from .scheduler import Scheduler
-from .store import Owner, _capture, check_document, SnapshotStore
+from .store import Owner, _capture, check_document, is_result_file, SnapshotStore
 from .submission import PYTHON_CALL, IdList, build_record, first_line, id_list, spec_arguments
 from .timers import Timers
 from .workers import WorkerLock, WorkerPool
@@ -82,6 +84,7 @@ _perf = time.perf_counter
 _sleep = time.sleep
 
 _S = JobState
+_SET_ASIDE = "set aside"  # a verdict of _memory_admits_locked: held, try the next job
 
 
 def _python_call(ctx: JobContext, params: dict) -> Any:
@@ -136,6 +139,7 @@ class Engine:
         self._admission = Admission(lambda: self._config, self._spec_or_none, self._memory)
         self._timers = Timers()
         self._local_executor: Executor = LocalExecutor(self)
+        self._results = ResultLoader(self, self.workdir_for)
         self._busy = 0
         self._done_waiters = 0  # threads in wait()/shutdown() waiting on _done_cv
 
@@ -266,6 +270,7 @@ class Engine:
         for info in stuck:
             self._log_finished(info)
             self._callbacks.fire_here(info)
+        self._results.stop(1.0)
         self.logger.info("engine stopped", stuck_workers=stuck_workers)
         self._after_shutdown()
         self._log.close()
@@ -381,7 +386,7 @@ class Engine:
             refusal = check(spec)
             if refusal:
                 raise NotPermitted(refusal)
-        return build_record(
+        job = build_record(
             spec,
             f"{self._id_prefix}-{next(self._id_counter)}",
             self._wall(),
@@ -394,6 +399,10 @@ class Engine:
             held,
             max_memory_mb=self._config.max_memory_mb,
         )
+        never = self._admission.never_fits(job.memory_mb, not spec.out_of_process)
+        if never:
+            raise InvalidParams(never)
+        return job
 
     def _check_accepting_locked(self) -> None:
         if self._closing:
@@ -476,10 +485,11 @@ class Engine:
                 process_memory_mb=round(self._memory.process_mb(), 1),
                 available_memory_mb=round(self._memory.available_mb(), 1),
                 write_error=self._write_error(),
+                thread_error=self._pool.error,
             )
 
     def _write_error(self) -> Optional[str]:
-        return self._store.error if self._store is not None else None
+        return self._store.problem if self._store is not None else None
 
     # ------------------------------------------------------------------ steering
 
@@ -786,14 +796,19 @@ class Engine:
     def flush(self, timeout: float = 10.0) -> bool:
         """Write the sidecar (and the log) now; wait until it holds every change made before the call.
 
+        It also waits until the results that adopted jobs keep in files are read
+        back (they are read off the calling thread, after adoption).
+
         The write itself happens on the writer thread. Returns False if it failed or
         did not finish within ``timeout`` (the error is in ``stats().write_error``);
         True at once without a ``state_dir``.
         """
+        started = time.monotonic()
         self._log.flush()
+        loaded = self._results.wait_idle(timeout)  # results of adopted jobs read back first
         if self._store is None:
-            return True
-        return self._store.flush(timeout)
+            return loaded
+        return self._store.flush(max(0.0, timeout - (time.monotonic() - started))) and loaded
 
     @property
     def sidecar_path(self) -> Optional[Path]:
@@ -810,7 +825,8 @@ class Engine:
         assert self._store is not None
         claimed = claim_orphans(self._store, self.logger)
         recovery = self._merge_documents_locked(
-            claimed.documents, problems=claimed.problems, moved=claimed.moved
+            claimed.documents, problems=claimed.problems, moved=claimed.moved,
+            skipped=claimed.skipped,
         )
         if recovery is not None:
             self.recovery = recovery
@@ -822,6 +838,7 @@ class Engine:
         *,
         problems: Optional[list[str]] = None,
         moved: Optional[list[str]] = None,
+        skipped: Optional[list[str]] = None,
         hold: bool = False,
     ) -> Optional[Recovery]:
         """Adopt the jobs of checked queue documents (sidecars, or a .blend's copy):
@@ -851,19 +868,26 @@ class Engine:
                     counts["held"] += 1
                 queued.append(job)
             self._jobs[job.id] = job
+        if self._store is not None:
+            for _, data in documents:
+                if data.get("_refused") and data.get("_claimed") is not None:
+                    self._store.quarantine(data["_claimed"])
         queued.sort(key=lambda j: (j.priority, j.key[1] if j.key else 0))
         for job in queued:
             self._scheduler.add(job)
         if finished:
             finished.sort(key=lambda j: j.finished_at or 0.0)
             self._history.put_older(j.id for j in finished)
+            stored = [j for j in finished if is_result_file(j.result)]
+            if stored:
+                self._results.add_locked(stored)  # read off this thread, from our own folders
         for job in queued + finished:
             self._events.state(job)
             self._changed_locked(job, urgent=True)
         self._evict_locked()
         if queued:
             self._work_cv.notify_all()
-        if not documents and not moved:
+        if not documents and not moved and not skipped:
             return None
         self.order_version += 1
         recovery = Recovery(
@@ -876,6 +900,7 @@ class Engine:
             duplicates=counts["duplicates"],
             moved_aside=tuple(moved),
             problems=tuple(problems),
+            skipped=tuple(skipped or ()),
         )
         level = "warning" if problems or counts["interrupted"] else "info"
         self._events.notice(recovery.summary, level=level)
@@ -911,7 +936,7 @@ class Engine:
         with self._lock:
             captured = [_capture(job) for job in self._jobs.values()]
         owner = self._store.owner if self._store else Owner.current(self._id_prefix)
-        return export_document(captured, owner, self.workdir_for)
+        return export_document(captured, owner, self.workdir_for, self.logger)
 
     def import_state(self, document: Any, *, source: str = "imported", hold: bool = True) -> Recovery:
         """Adopt the jobs of an ``export_state()`` document, e.g. from an opened .blend.
@@ -945,9 +970,16 @@ class Engine:
     def _claim_locked(self) -> Optional[JobRecord]:
         if self._paused or not self._started or self._busy >= self._config.max_workers:
             return None
-        job = self._scheduler.next_ready(self._admission.kind_has_room)
-        if job is None or not self._memory_admits_locked(job):
-            return None
+        while True:
+            job = self._scheduler.next_ready(self._admission.kind_has_room)
+            if job is None:
+                return None
+            verdict = self._memory_admits_locked(job)
+            if verdict is _SET_ASIDE:
+                continue  # it can never fit: held with the reason, the next one may start
+            if not verdict:
+                return None
+            break
         self._scheduler.remove(job)
         self.order_version += 1
         job.state = _S.DISPATCHED
@@ -960,12 +992,30 @@ class Engine:
         self._mark_running_locked(job)
         return job
 
-    def _memory_admits_locked(self, job: JobRecord) -> bool:
+    def _memory_admits_locked(self, job: JobRecord) -> Any:
         """Admission's memory verdict for the next job in order, made visible: the job
-        dispatch waits on says why in its message, and the watchdog re-checks."""
+        dispatch waits on says why in its message, and the watchdog re-checks.
+
+        Returns True (it may start), False (it waits, and so does everything behind
+        it) or ``_SET_ASIDE``: it can never fit (a .blend or an old sidecar asked for
+        more than this machine has, or the limits changed), so it is held with the
+        reason instead of blocking the queue forever; the user changes and retries it.
+        """
         admission = self._admission
         reasons = admission.memory_shortfall(job)
         blocked = admission.blocked
+        if reasons:
+            never = admission.never_fits(job.memory_mb, admission.is_inside(job))
+            if never:
+                if blocked is job:
+                    admission.blocked = None
+                job.held = True
+                self._scheduler.set_ready(job, False)
+                job.message = f"held: {never}; retry it with a smaller memory_mb, or cancel it"
+                self._events.progress(job)
+                self._changed_locked(job, urgent=True)
+                self.logger.warning("job can never fit in memory; held", job_id=job.id, reason=never)
+                return _SET_ASIDE
         if reasons is None:
             if blocked is not None:  # the limits were lifted
                 blocked.message = None
@@ -1206,7 +1256,14 @@ class Engine:
         return call.result
 
     def workdir_for(self, job_id: str) -> Path:
-        """The per-job work folder (not created here)."""
+        """The per-job work folder (not created here).
+
+        Raises:
+            ValueError: ``job_id`` is not a valid job id (it would name a folder elsewhere).
+        """
+        problem = job_id_error(job_id)
+        if problem:
+            raise ValueError(problem)
         cfg = self._config
         if cfg.work_dir is not None:
             root = cfg.work_dir

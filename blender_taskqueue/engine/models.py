@@ -7,6 +7,7 @@ immutable, cheap to create on the hot path, and easy to compare in tests.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -43,6 +44,37 @@ TERMINAL_STATES = frozenset(
 
 PRIORITY_NAMES: Mapping[str, int] = {"urgent": 0, "high": 3, "normal": 5, "low": 8}
 MOVE_WHERE = ("top", "up", "down", "bottom")
+
+
+# A job id names a folder (``workdir_for``) and appears in file names, so it is
+# held to letters, digits, "_", "-" and "~" (``id~2`` for a renamed duplicate):
+# no path separators, no "..", no NUL, never empty, at most 64 characters.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_~-]{0,63}")
+MAX_TIMEOUT_S = 30 * 24 * 3600.0  # a timeout longer than 30 days is a mistake, not a plan
+
+
+def job_id_error(value: object) -> Optional[str]:
+    """Why ``value`` is not a valid job id, or None if it is."""
+    if not isinstance(value, str):
+        return f"job id must be a str, got {type(value).__name__}"
+    if JOB_ID.fullmatch(value) is None:
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        return (
+            f"job id {shown!r} is not valid: 1 to 64 letters, digits, '_', '-' or '~', "
+            "starting with a letter or digit"
+        )
+    return None
+
+
+def timeout_error(value: object) -> Optional[str]:
+    """Why ``value`` is not a valid timeout in seconds (None allowed), or None if it is."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"timeout must be a positive number of seconds or None, got {value!r}"
+    if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
+        return f"timeout must be more than 0 and at most {MAX_TIMEOUT_S:g} s (30 days), got {value!r}"
+    return None
 
 
 def priority_value_or_error(priority: object) -> tuple[int, Optional[str]]:
@@ -144,6 +176,7 @@ class EngineStats(NamedTuple):
     process_memory_mb: float
     available_memory_mb: float
     write_error: Optional[str] = None
+    thread_error: Optional[str] = None  # an engine thread hit an error (a bug): what and where
 
 
 class Event(NamedTuple):
@@ -197,6 +230,7 @@ class Recovery(NamedTuple):
     duplicates: int = 0  # jobs already known here (same id), not adopted twice
     moved_aside: tuple = ()  # damaged sidecars renamed (never deleted)
     problems: tuple = ()  # human-readable reasons, one per damaged file or entry
+    skipped: tuple = ()  # queue files not adopted (a live owner, or one that cannot be told), and why
 
     @property
     def adopted(self) -> int:
@@ -218,4 +252,6 @@ class Recovery(NamedTuple):
         if self.moved_aside:
             parts.append(f"{len(self.moved_aside)} damaged queue file(s) moved aside: "
                          + ", ".join(self.moved_aside))
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} queue file(s) left alone: " + "; ".join(self.skipped))
         return "; ".join(parts) or "nothing to recover"

@@ -15,6 +15,7 @@ its queue and history itself (``Engine._merge_documents_locked``).
 from __future__ import annotations
 
 import collections
+import socket
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -31,6 +32,8 @@ from .store import (
     claim_name,
     job_from_dict,
     job_to_dict,
+    lock_is_held,
+    lock_path_for,
     move_aside,
     read_sidecar,
     sidecar_candidates,
@@ -48,6 +51,7 @@ class Claimed(NamedTuple):
     documents: list[tuple[str, dict]]  # (source name, checked document)
     problems: list[str]
     moved: list[str]  # names of damaged files moved aside
+    skipped: list[str]  # queue files left alone, and why
 
 
 def claim_orphans(store: SnapshotStore, logger: Any) -> Claimed:
@@ -59,6 +63,7 @@ def claim_orphans(store: SnapshotStore, logger: Any) -> Claimed:
     """
     problems: list[str] = []
     moved: list[str] = []
+    skipped: list[str] = []
     documents: list[tuple[str, dict]] = []
     for path in sidecar_candidates(store.dir, store.path):
         try:
@@ -73,8 +78,13 @@ def claim_orphans(store: SnapshotStore, logger: Any) -> Claimed:
             logger.error("damaged queue file moved aside", path=str(path), error=str(exc))
             continue
         owner = data["_owner"]
-        if CLAIM_MARK not in path.name and not data.get("closed") and owner.is_alive():
-            continue  # a live engine's queue: never touch it
+        if CLAIM_MARK not in path.name and not data.get("closed"):
+            why, tell = _why_alive(path, owner)
+            if why:
+                if tell:  # a live engine's queue is normal (two Blenders); an unknown one is not
+                    skipped.append(f"{path.name}: {why}")
+                logger.info("queue file left alone", path=str(path), reason=why)
+                continue  # a live engine's queue (or one we cannot tell): never touch it
         claimed = claim_name(path, store.owner)
         try:
             path.rename(claimed)  # atomic: of two engines adopting at once, one wins
@@ -89,9 +99,36 @@ def claim_orphans(store: SnapshotStore, logger: Any) -> Claimed:
             stale_tmp.unlink()
         except OSError:
             pass
+        try:  # its owner is gone (we took its lock to see that)
+            lock_path_for(path.with_name(source)).unlink()
+        except OSError:
+            pass
+        data["_claimed"] = claimed
         documents.append((source, data))
         store.after_next_write(claimed)
-    return Claimed(documents, problems, moved)
+    return Claimed(documents, problems, moved, skipped)
+
+
+def _why_alive(path: Any, owner: Owner) -> tuple[Optional[str], bool]:
+    """Why the unclosed queue file ``path`` must be left alone (None if its owner is
+    gone), and whether a person should be told (not for a plainly live engine).
+
+    The owner's lock is the truth where there is one (the OS drops it at death);
+    older files without a lock fall back to the pid and its start time, which can
+    only be checked on this host."""
+    held = lock_is_held(path)
+    if held is True:
+        return f"in use by a running engine (pid {owner.pid} on {owner.host})", False
+    if held is False:
+        return None, False
+    if owner.host != socket.gethostname():
+        return (
+            f"written on host {owner.host!r} without a lock file, so whether its engine "
+            "still runs cannot be told; open it on that host, or move it away", True
+        )
+    if owner.is_alive():
+        return f"in use by a running engine (pid {owner.pid})", False
+    return None, False
 
 
 def best_copies(
@@ -110,6 +147,8 @@ def best_copies(
                 job = job_from_dict(entry)
             except SidecarError as exc:
                 problems.append(f"{source}: {exc}")
+                counts["quarantined"] += 1
+                data["_refused"] = True  # its file is kept (moved aside), not deleted
                 continue
             ident = (job.id, job.kind, job.created_at)
             kept = best.get(ident)
@@ -173,14 +212,23 @@ def revive(
 
 
 def export_document(
-    captured: list[tuple], owner: Owner, workdir_for: Callable[[str], Any]
+    captured: list[tuple], owner: Owner, workdir_for: Callable[[str], Any], logger: Any = None
 ) -> dict:
-    """The queue as a JSON-ready document of the sidecar's schema (for a .blend)."""
+    """The queue as a JSON-ready document of the sidecar's schema (for a .blend).
+    A job that cannot be turned into JSON is left out (and logged), never raised:
+    a save must not fail because of one job."""
+    jobs = []
+    for values in captured:
+        try:
+            jobs.append(job_to_dict(values, workdir_for))
+        except Exception as exc:
+            if logger is not None:
+                logger.error("job left out of the export", job_id=repr(values[0]), error=str(exc)[:300])
     return {
         "app": APP,
         "schema_version": SCHEMA_VERSION,
         "owner": owner.as_dict(),
         "closed": True,
         "written_at": time.time(),
-        "jobs": [job_to_dict(values, workdir_for) for values in captured],
+        "jobs": jobs,
     }

@@ -36,5 +36,12 @@ class MemoryProbe:
         self._refresh()
         return self._rss
 
+    def total_mb(self) -> float:
+        """The machine's memory in all (it does not change while we run)."""
+        total = getattr(self, "_total", None)
+        if total is None:
+            total = self._total = psutil.virtual_memory().total / _MB
+        return total
+
     def invalidate(self) -> None:
         self._at = float("-inf")

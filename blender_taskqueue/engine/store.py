@@ -17,6 +17,7 @@ and results over ``INLINE_RESULT_MAX`` bytes go to a file in the job's workdir.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import socket
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import psutil
 
-from .models import JobError, JobState
+from .kinds import KIND_NAME
+from .models import JobError, JobState, job_id_error, timeout_error
 from .record import JobRecord
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ SIDECAR_GLOB = "queue-*.json"
 CLAIM_MARK = ".adopting-"
 LAZY_DELAY_S = 0.5
 INLINE_RESULT_MAX = 64 * 1024
+MAX_STORED_INT = 2**53  # ints beyond what any float (or the JSON of another tool) holds exactly
+RESULT_FILE = "result.json"  # a result over INLINE_RESULT_MAX, in the job's own folder
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 # The persisted fields of a JobRecord, copied in one C call under the engine lock.
@@ -103,6 +107,90 @@ class Owner(NamedTuple):
             return True
 
 
+LOCK_SUFFIX = ".lock"
+
+try:  # POSIX
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
+try:  # Windows
+    import msvcrt as _msvcrt  # type: ignore[import-not-found]
+except ImportError:
+    _msvcrt = None  # type: ignore[assignment]
+
+
+def lock_path_for(sidecar: Path) -> Path:
+    return sidecar.with_name(sidecar.name + LOCK_SUFFIX)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting; False if another holds it."""
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        elif _msvcrt is not None:  # pragma: no cover - Windows
+            _msvcrt.locking(fd, _msvcrt.LK_NBLCK, 1)
+        else:  # pragma: no cover
+            return True
+    except OSError:
+        return False
+    return True
+
+
+class OwnerLock:
+    """An exclusive OS lock on ``<sidecar>.lock``, held while the engine lives.
+
+    The OS drops it when the process dies, however it dies, in whatever PID
+    namespace and under whatever host name: so "the lock is free" is the truth of
+    "the owner is gone", where a pid check can be fooled (another PID namespace
+    sharing the folder sees no such pid; a changed host name looks like another
+    machine). ``flock`` locks belong to the open file, so two engines in one
+    process exclude each other too.
+    """
+
+    def __init__(self, sidecar: Path) -> None:
+        self.path = lock_path_for(sidecar)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        if not _try_lock(fd):
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self, *, remove: bool) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if remove:  # before closing: nobody can take a lock we still hold on a file we unlink
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def lock_is_held(sidecar: Path) -> Optional[bool]:
+    """Whether the owner of ``sidecar`` holds its lock (is alive): True or False, or
+    None when there is no lock file (a file from before locks, or a foreign tool)."""
+    path = lock_path_for(sidecar)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # cannot tell: never adopt what might be alive
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)  # closing drops a lock the probe took
+
+
 class SidecarError(ValueError):
     """A sidecar that cannot be read as this schema (corrupt, truncated, wrong version)."""
 
@@ -122,21 +210,29 @@ def job_to_dict(values: tuple, workdir: Callable[[str], Path]) -> dict:
 
 
 def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -> Any:
-    if result is None:
-        return None
+    if result is None or is_result_file(result):
+        return result  # a result file not loaded (yet) keeps its marker
     try:
         text = json.dumps(result)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return {"$repr": repr(result)[:2000]}
     if len(text) <= INLINE_RESULT_MAX:
         return result
-    path = workdir(job_id) / "result.json"
     try:
+        path = workdir(job_id) / RESULT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, text.encode("utf-8"))  # a re-run's result replaces the old one
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         return {"$repr": f"(result of {len(text)} bytes could not be saved: {exc})"}
     return {"$file": str(path), "bytes": len(text)}
+
+
+def is_result_file(result: Any) -> bool:
+    """Whether a stored result is the marker of a result kept in the job's folder.
+
+    The marker's path is never followed: a result is only ever read back from
+    this engine's own folder for that job id (``results.ResultLoader``)."""
+    return isinstance(result, dict) and "$file" in result and set(result) <= {"$file", "bytes"}
 
 
 def _opt(d: dict, key: str, kind: Any, *, positive: bool = False) -> Any:
@@ -144,9 +240,13 @@ def _opt(d: dict, key: str, kind: Any, *, positive: bool = False) -> Any:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, kind):
+        raise SidecarError(f"malformed job entry: {key}={value!r}"[:300])
+    if isinstance(value, float) and not math.isfinite(value):
         raise SidecarError(f"malformed job entry: {key}={value!r}")
+    if isinstance(value, int) and not -MAX_STORED_INT <= value <= MAX_STORED_INT:
+        raise SidecarError(f"malformed job entry: {key} is out of range"[:300])
     if positive and not value > 0:
-        raise SidecarError(f"malformed job entry: {key}={value!r}")
+        raise SidecarError(f"malformed job entry: {key}={value!r}"[:300])
     return value
 
 
@@ -157,23 +257,16 @@ def _str(d: dict, key: str, default: Optional[str] = None) -> Optional[str]:
     return value
 
 
-def _result_from_disk(result: Any) -> Any:
-    """Load a result stored as a file; a missing file says so in place of the result."""
-    if isinstance(result, dict) and set(result) == {"$file", "bytes"} and isinstance(result["$file"], str):
-        try:
-            return json.loads(Path(result["$file"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            return {"$missing": result["$file"], "error": str(exc)}
-    return result
-
-
 def job_from_dict(d: dict) -> JobRecord:
     """Rebuild a JobRecord from its sidecar dict. Raises SidecarError naming a bad field;
     every field is type-checked, since a hostile file must never reach a worker."""
     try:
         job_id, kind = d["id"], d["kind"]
-        if not isinstance(job_id, str) or not job_id or not isinstance(kind, str) or not kind:
-            raise SidecarError(f"malformed job entry: id={job_id!r} kind={kind!r}")
+        problem = job_id_error(job_id)
+        if problem:
+            raise SidecarError(f"malformed job entry: {problem}")
+        if not isinstance(kind, str) or KIND_NAME.fullmatch(kind) is None or len(kind) > 200:
+            raise SidecarError(f"malformed job entry: kind={kind!r}"[:300])
         params = d.get("params") or {}
         priority = d.get("priority", 5)
         if not isinstance(params, dict):
@@ -191,7 +284,10 @@ def job_from_dict(d: dict) -> JobRecord:
         held = d.get("held", False)
         if not isinstance(held, bool):
             raise SidecarError(f"malformed job entry: held={held!r}")
-        timeout = _opt(d, "timeout", (int, float), positive=True)
+        timeout = d.get("timeout")
+        problem = timeout_error(timeout)
+        if problem:
+            raise SidecarError(f"malformed job entry: {problem}")
         job = JobRecord(
             job_id,
             kind,
@@ -222,7 +318,7 @@ def job_from_dict(d: dict) -> JobRecord:
             )
             for e in errors
         )
-        job.result = _result_from_disk(d.get("result"))
+        job.result = d.get("result")  # a result-file marker is loaded later, off this thread
         job.checkpoint = _opt(d, "checkpoint", dict)
         job.partial_result = (
             job.checkpoint if d.get("partial_is_checkpoint") else _opt(d, "partial_result", dict)
@@ -359,6 +455,7 @@ class SnapshotStore:
         self.dir = Path(state_dir)
         self.owner = Owner.current(token)
         self.path = self.dir / f"queue-{self.owner.pid}-{token}.json"
+        self.lock = OwnerLock(self.path)
         self._write = writer or write_atomic
         self._cv = threading.Condition(threading.Lock())
         self._urgent = False
@@ -374,8 +471,10 @@ class SnapshotStore:
         self._failures = 0
         self._retry_at = 0.0
         self._after_write: list[Path] = []  # claimed sidecars to delete once ours holds their jobs
+        self._quarantine: set[Path] = set()  # those of them to keep, moved aside
         self.last_write_s = 0.0
         self.last_size = 0
+        self.record_errors: dict[str, str] = {}  # job id -> why it could not be saved
 
     # ---- called by the engine under its lock: must stay cheap
 
@@ -406,11 +505,20 @@ class SnapshotStore:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # reported; the writer keeps retrying
             self.error = f"cannot create {self.dir}: {exc}"
+        if not self.lock.acquire():
+            self._engine.logger.warning("cannot lock the queue file's lock; liveness falls back to the pid",
+                                        path=str(self.lock.path))
         self._thread = threading.Thread(target=self._main, name="taskqueue-writer", daemon=True)
         self._thread.start()
 
     def after_next_write(self, path: Path) -> None:
+        """Delete the claimed sidecar ``path`` once our file holds its jobs."""
         self._after_write.append(path)
+
+    def quarantine(self, path: Path) -> None:
+        """Keep the claimed sidecar ``path`` (some entries were refused) instead of
+        deleting it: it is moved aside as ``...quarantined-<time>``, for a person to read."""
+        self._quarantine.add(path)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write now (on the writer thread) and wait until the file holds every change
@@ -446,6 +554,7 @@ class SnapshotStore:
         self._thread = None
         if hung:
             self._engine.logger.error("sidecar writer hangs; skipping the final write")
+            self.lock.release(remove=False)
             return
         if empty:
             for path in [self.path, *self._after_write]:
@@ -454,8 +563,10 @@ class SnapshotStore:
                 except OSError:
                     pass
             self._after_write.clear()
+            self.lock.release(remove=True)
             return
         self._write_once(closed=clean)
+        self.lock.release(remove=True)  # the file says closed: whoever starts next adopts it
 
     def rewrite_all(self) -> float:
         """Re-encode and write every job now, on the calling thread; returns the seconds
@@ -468,6 +579,25 @@ class SnapshotStore:
         started = time.perf_counter()
         self._write_once(closed=False)
         return time.perf_counter() - started
+
+    @property
+    def problem(self) -> Optional[str]:
+        """The write error, or what keeps some jobs out of the file, or None."""
+        if self.error is not None:
+            return self.error
+        if self.record_errors:
+            job_id, why = next(iter(self.record_errors.items()))
+            n = len(self.record_errors)
+            return f"{n} job(s) not saved in the queue file, e.g. {job_id!r}: {why}"
+        return None
+
+    def _record_failed(self, job_id: str, exc: Exception) -> None:
+        self._cache.pop(job_id, None)
+        first = job_id not in self.record_errors
+        self.record_errors[job_id] = f"{type(exc).__name__}: {exc}"[:300]
+        if first:
+            self._engine.logger.error("job cannot be saved in the sidecar; skipped", job_id=repr(job_id),
+                                      error=self.record_errors[job_id])
 
     # ---- the writer thread
 
@@ -513,7 +643,11 @@ class SnapshotStore:
             for job_id in removed:
                 cache.pop(job_id, None)
             for values in captured:
-                cache[values[0]] = _encode(job_to_dict(values, eng.workdir_for))
+                try:
+                    cache[values[0]] = _encode(job_to_dict(values, eng.workdir_for))
+                    self.record_errors.pop(values[0], None)
+                except Exception as exc:  # one bad record must never stop the writer
+                    self._record_failed(values[0], exc)
             if order_changed:
                 self._order = dict.fromkeys(i for i in ids if i in cache)
             header = json.dumps(
@@ -556,7 +690,12 @@ class SnapshotStore:
         self._failures = 0
         for claimed in self._after_write:
             try:
-                claimed.unlink()
+                if claimed in self._quarantine:  # a name adoption never looks at again
+                    source = claimed.name.split(CLAIM_MARK, 1)[0]
+                    os.replace(claimed, claimed.with_name(
+                        f"quarantined-{time.strftime('%Y%m%d-%H%M%S')}-{source}"))
+                else:
+                    claimed.unlink()
             except OSError:
                 pass
         self._after_write.clear()

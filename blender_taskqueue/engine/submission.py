@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Union
 
 from .errors import InvalidParams
 from .kinds import KindSpec
-from .models import parse_priority
+from .models import parse_priority, timeout_error
 from .record import JobRecord
 
 PYTHON_CALL = "python.call"
@@ -50,15 +50,18 @@ def build_record(
     prio = parse_priority(priority)
     if label is not None and not isinstance(label, str):
         raise TypeError(f"label must be a str or None, got {type(label).__name__}")
+    problem = timeout_error(timeout)
+    if problem:
+        raise ValueError(problem)
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         timeout = float(timeout)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
     if memory_mb is not None:
         if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
             raise ValueError(f"memory_mb must be a positive int or None, got {memory_mb!r}")
+        if memory_mb > 2**40:
+            raise ValueError(f"memory_mb must be at most {2**40}, got {memory_mb!r}")
         if max_memory_mb is not None and memory_mb > max_memory_mb and not spec.out_of_process:
             raise ValueError(
                 f"memory_mb={memory_mb} exceeds max_memory_mb={max_memory_mb}: the job could never start"

@@ -22,6 +22,8 @@ from typing import Any, Optional, Protocol
 from .record import JobRecord
 
 LOCK_YIELDS = 10  # GIL yields granted to a holder of the engine lock (see WorkerLock)
+MAX_TIMER_WAIT_S = 3600.0  # the watchdog wakes at least this often (and never overflows a wait)
+RESPAWNS = 3  # workers replaced after an engine error killed one, before the pool stops trying
 _sleep = time.sleep
 
 
@@ -103,6 +105,8 @@ class WorkerPool:
         self._watchdog: Optional[threading.Thread] = None
         self._names = itertools.count()
         self.stopped = False  # set (under the lock) when the watchdog must exit
+        self.error: Optional[str] = None  # the last error that hit a pool thread (an engine bug)
+        self._respawns = 0
 
     def __len__(self) -> int:
         return len(self.threads)
@@ -145,6 +149,23 @@ class WorkerPool:
         return sum(t.is_alive() for t in workers)
 
     def _worker_main(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:  # an engine bug: say so, and keep the pool at strength
+            with self.work_cv:
+                self.threads.discard(threading.current_thread())
+                self._thread_died("worker", exc)
+                if self._respawns < RESPAWNS and not self.stopped:
+                    self._respawns += 1
+                    self.grow_locked(len(self.threads) + 1)
+
+    def _thread_died(self, what: str, exc: BaseException) -> None:
+        self.error = f"a {what} thread hit {type(exc).__name__}: {exc}"[:300]
+        logger = getattr(self._host, "logger", None)
+        if logger is not None:
+            logger.error("engine thread error", thread=what, error=self.error)
+
+    def _work(self) -> None:
         host = self._host
         me = threading.current_thread()
         cv = self.work_cv
@@ -168,8 +189,16 @@ class WorkerPool:
             job = host._run_claimed(job)
 
     def _watchdog_main(self) -> None:
+        # The watchdog must never die: without it no timeout or retry backoff fires
+        # for the rest of the session. An error is reported and the loop goes on.
         host = self._host
         with self.timer_cv:
             while not self.stopped:
-                delay = host._check_timers_locked(host._now())
+                try:
+                    delay = host._check_timers_locked(host._now())
+                    if delay is None or delay > MAX_TIMER_WAIT_S:
+                        delay = MAX_TIMER_WAIT_S
+                except Exception as exc:
+                    self._thread_died("watchdog", exc)
+                    delay = 1.0
                 self.timer_cv.wait(delay)

@@ -36,10 +36,14 @@ class FakeClock:
 class FakeProbe:
     """What the engine asks about memory; the test sets the numbers."""
 
-    def __init__(self, available: float = 4096.0, process: float = 256.0) -> None:
+    def __init__(self, available: float = 4096.0, process: float = 256.0, total: float = 1e6) -> None:
         self.available = available
         self.process = process
+        self.total = total
         self.invalidations = 0
+
+    def total_mb(self) -> float:
+        return self.total
 
     def available_mb(self) -> float:
         return self.available

@@ -330,7 +330,7 @@ def check_final(engine, submitted: list[str], last: Snapshot) -> None:
     assert rec.adopted == len(submitted)
     # The dead process's file (and the claim made of it) is gone once ours holds its jobs.
     left = [p.name for p in last.path.parent.iterdir()
-            if p.name.startswith("queue-") and p != engine.sidecar_path]
+            if p.name.startswith("queue-") and p not in (engine.sidecar_path, engine.store.lock.path)]
     assert left == [], f"adopted sidecar left behind: {left}"
     on_disk = {j["id"] for j in read_sidecar(engine.sidecar_path)["jobs"]}
     assert on_disk == set(submitted)

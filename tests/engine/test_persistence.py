@@ -579,7 +579,10 @@ def test_live_owner_in_this_process_and_other_hosts_are_left_alone(make_engine, 
                     "queue-2-far.json")
     b1, b2 = p1.read_bytes(), p2.read_bytes()
     engine = make_engine(state_dir=state)
-    assert engine.recovery is None
+    rec = engine.recovery  # the live one is left alone quietly; the other host's is mentioned
+    assert rec is not None and rec.adopted == 0 and rec.sources == ()
+    assert len(rec.skipped) == 1 and rec.skipped[0].startswith("queue-2-far.json: written on host")
+    assert "left alone" in rec.summary
     assert engine.jobs() == []
     assert p1.read_bytes() == b1 and p2.read_bytes() == b2
 
@@ -1157,6 +1160,7 @@ def test_large_result_survives_a_restart(make_engine, registry, tmp_path):
     first.shutdown()
     second = make_engine(state_dir=state)
     assert second.get(job_id).state is JobState.COMPLETED
+    assert second.flush()  # the result file is read back off this thread
     assert second.get(job_id).result == big
 
 
