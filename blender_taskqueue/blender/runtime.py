@@ -36,11 +36,11 @@ def pump() -> Optional[Pump]:
     return _pump
 
 
-def _online_check(spec: KindSpec) -> Optional[str]:
-    if spec.network and _pump is not None and not _pump.online_access:
+def _online_check(spec: KindSpec, params: dict) -> Optional[str]:
+    if _pump is not None and not _pump.online_access and spec.goes_online(params):
         return (
-            f"job kind {spec.name!r} goes online, but Blender's 'Allow Online Access' is off "
-            "(Preferences > System > Network)"
+            f"job kind {spec.name!r} goes online with these params, but Blender's "
+            "'Allow Online Access' is off (Preferences > System > Network)"
         )
     return None
 

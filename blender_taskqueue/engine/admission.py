@@ -26,7 +26,7 @@ class Admission:
     then (a kind may be re-registered while its jobs run)."""
 
     __slots__ = (
-        "_config", "_find_spec", "_memory", "kind_running",
+        "_config", "_find_spec", "_memory", "kind_running", "slot_running",
         "reserved_mb", "reserved_inside_mb", "reservations", "blocked",
     )
 
@@ -40,6 +40,7 @@ class Admission:
         self._find_spec = find_spec
         self._memory = memory
         self.kind_running: collections.Counter[str] = collections.Counter()
+        self.slot_running: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, slot)
         self.reserved_mb = 0  # memory_mb of the running jobs
         self.reserved_inside_mb = 0  # the part of it inside this process (not out_of_process kinds)
         self.reservations: dict[str, tuple[int, int]] = {}  # job id -> (memory_mb, inside part)
@@ -51,6 +52,28 @@ class Admission:
         limit = spec.max_concurrency if spec is not None else None
         return limit is None or self.kind_running[kind] < limit
 
+    def free_slot(self, job: JobRecord) -> Optional[str]:
+        """The first of the job's slots (``KindSpec.slots``) with room, or None."""
+        spec = self._find_spec(job.kind)
+        if spec is None or spec.slots is None:
+            return None
+        try:
+            candidates = spec.slots(job.params) or []
+        except Exception:
+            return None
+        for slot in candidates:
+            if self.slot_running[(job.kind, slot)] < spec.slot_limit:
+                return str(slot)
+        return None
+
+    def head_has_room(self, job: JobRecord) -> bool:
+        """Whether the first ready job of its kind may start on one of its slots
+        (always, for kinds without slots)."""
+        spec = self._find_spec(job.kind)
+        if spec is None or spec.slots is None:
+            return True
+        return self.free_slot(job) is not None
+
     def is_inside(self, job: JobRecord) -> bool:
         """Whether the job's memory is used inside this process (see ``out_of_process``)."""
         spec = self._find_spec(job.kind)
@@ -59,6 +82,10 @@ class Admission:
     def take(self, job: JobRecord) -> None:
         """Count a job that starts: its kind's slot and its memory."""
         self.kind_running[job.kind] += 1
+        slot = self.free_slot(job)
+        job.slot = slot
+        if slot is not None:
+            self.slot_running[(job.kind, slot)] += 1
         need = job.memory_mb
         if need:
             inside = need if self.is_inside(job) else 0
@@ -69,6 +96,9 @@ class Admission:
     def give_back(self, job: JobRecord) -> None:
         """Undo ``take`` for a job that stopped running."""
         self.kind_running[job.kind] -= 1
+        if job.slot is not None:
+            self.slot_running[(job.kind, job.slot)] -= 1
+            job.slot = None
         if self.reservations:
             need, inside = self.reservations.pop(job.id, (0, 0))
             self.reserved_mb -= need

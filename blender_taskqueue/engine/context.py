@@ -29,7 +29,8 @@ def current_context() -> Optional["JobContext"]:
 class JobContext:
     """Handed to every handler as its first argument."""
 
-    __slots__ = ("_engine", "_job", "job_id", "kind", "attempt", "params", "resume_from", "_log", "_workdir")
+    __slots__ = ("_engine", "_job", "job_id", "kind", "attempt", "params", "resume_from", "_log", "_workdir",
+                 "slot")
 
     def __init__(
         self,
@@ -45,6 +46,9 @@ class JobContext:
         self.attempt: int = job.attempt
         self.params = params
         self.resume_from = resume_from
+        # The resource the engine chose for this run (a server URL), for kinds that
+        # declare ``KindSpec.slots``; None otherwise.
+        self.slot: Optional[str] = job.slot
         self._log: Any = None
         self._workdir: Optional[Path] = None
 

@@ -148,7 +148,7 @@ class Engine:
         self._callbacks = Callbacks(self._main_calls, lambda: self.logger)
         self.main_tick: Optional[Callable[[], Any]] = None  # set by the Blender pump
         # Set by the host (Blender): a reason to refuse a kind at submit, or None.
-        self.submit_check: Optional[Callable[[KindSpec], Optional[str]]] = None
+        self.submit_check: Optional[Callable[[KindSpec, dict], Optional[str]]] = None
 
         self._started = False
         self._closing = False
@@ -381,11 +381,6 @@ class Engine:
         if not isinstance(kind, str):
             raise TypeError(f"kind must be a kind name (str), got {kind!r}")
         spec = PYTHON_CALL_SPEC if kind == PYTHON_CALL else self._registry.get(kind)
-        check = self.submit_check
-        if check is not None:
-            refusal = check(spec)
-            if refusal:
-                raise NotPermitted(refusal)
         job = build_record(
             spec,
             f"{self._id_prefix}-{next(self._id_counter)}",
@@ -402,6 +397,11 @@ class Engine:
         never = self._admission.never_fits(job.memory_mb, not spec.out_of_process)
         if never:
             raise InvalidParams(never)
+        check = self.submit_check
+        if check is not None:
+            refusal = check(spec, job.params)
+            if refusal:
+                raise NotPermitted(refusal)
         return job
 
     def _check_accepting_locked(self) -> None:
@@ -971,7 +971,7 @@ class Engine:
         if self._paused or not self._started or self._busy >= self._config.max_workers:
             return None
         while True:
-            job = self._scheduler.next_ready(self._admission.kind_has_room)
+            job = self._scheduler.next_ready(self._admission.kind_has_room, self._admission.head_has_room)
             if job is None:
                 return None
             verdict = self._memory_admits_locked(job)

@@ -35,6 +35,23 @@ class KindSpec:
     out_of_process: bool = False
     recoverable: bool = True  # False for ad-hoc callables that cannot be rebuilt from data
     description: str = ""
+    # Whether a job with these (JSON) params goes online; None: ``network`` says.
+    # (A ComfyUI server on 127.0.0.1 is not online; one across the room is.)
+    needs_network: Optional[Callable[[dict], bool]] = None
+    # The resources (e.g. server URLs) a job may run on, in order of preference; the
+    # engine runs at most ``slot_limit`` jobs on each and tells the job which one
+    # it got (``ctx.slot``). None: the kind has no such resources.
+    slots: Optional[Callable[[dict], list]] = None
+    slot_limit: int = 1
+
+    def goes_online(self, params: dict) -> bool:
+        """Whether a job of this kind with ``params`` needs Blender's Online Access."""
+        if self.needs_network is not None:
+            try:
+                return bool(self.needs_network(params))
+            except Exception:
+                return True  # cannot tell: ask for the permission
+        return self.network
 
     def validate_params(self, params: Any) -> dict:
         """Return params as a JSON dict, or raise ``InvalidParams`` naming every problem."""

@@ -48,6 +48,7 @@ class JobRecord:
         "callable",
         "recovered_from",
         "yielded_at",
+        "slot",
         "_view",
     )
 
@@ -101,6 +102,7 @@ class JobRecord:
         self.callable: Any = None
         self.recovered_from: Optional[str] = None
         self.yielded_at = 0.0
+        self.slot: Optional[str] = None  # the resource admission gave it (KindSpec.slots)
         self._view: Any = None
 
     def params_view(self) -> Any:

@@ -261,13 +261,19 @@ class Scheduler:
                 job.heap_key = None
         return None
 
-    def next_ready(self, kind_allowed: Callable[[str], bool]) -> Optional[JobRecord]:
-        """The first ready job in dispatch order whose kind may start one more."""
+    def next_ready(
+        self,
+        kind_allowed: Callable[[str], bool],
+        head_allowed: Optional[Callable[[JobRecord], bool]] = None,
+    ) -> Optional[JobRecord]:
+        """The first ready job in dispatch order whose kind may start one more (and,
+        with ``head_allowed``, that the kind's first ready job may start)."""
         best: Optional[JobRecord] = None
         for kind, live in self._ready_live.items():
             if live <= 0 or not kind_allowed(kind):
                 continue
             head = self._head(kind)
             if head is not None and (best is None or head.key < best.key):
-                best = head
+                if head_allowed is None or head_allowed(head):
+                    best = head
         return best
