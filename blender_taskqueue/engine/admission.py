@@ -105,19 +105,16 @@ class Admission:
             self.reserved_inside_mb -= inside
 
     def never_fits(self, need: Optional[int], inside: bool) -> Optional[str]:
-        """Why a job needing ``need`` MB could never start under the current limits
-        on this machine, or None. Such a job must never wait at the head of the queue."""
+        """Why a job needing ``need`` MB could never start on this machine, or None.
+        Such a job must never wait at the head of the queue. (A Keep Free setting that
+        leaves too little is the user's own choice and can change: jobs wait for it,
+        visibly, instead.)"""
         if not need:
             return None
         cfg = self._config()
         total = self._memory.total_mb()
-        floor = cfg.min_free_memory_mb or 0
-        if need > total - floor:
-            kept = f" with min_free_memory_mb={floor} kept free" if floor else ""
-            return (
-                f"memory_mb={need} can never fit: this machine has {total:.0f} MB of memory "
-                f"in all{kept}"
-            )
+        if need > total:
+            return f"memory_mb={need} can never fit: this machine has {total:.0f} MB of memory in all"
         if inside and cfg.max_memory_mb is not None and need > cfg.max_memory_mb:
             return f"memory_mb={need} exceeds max_memory_mb={cfg.max_memory_mb}: the job could never start"
         return None
