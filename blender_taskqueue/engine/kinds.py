@@ -43,6 +43,22 @@ class KindSpec:
     # it got (``ctx.slot``). None: the kind has no such resources.
     slots: Optional[Callable[[dict], list]] = None
     slot_limit: int = 1
+    # What a job with these (JSON) params will do, exactly, as lines a person reads
+    # before releasing a job from another file: the resolved program and full argv,
+    # environment changes, files read and written, servers contacted. None: the
+    # kind name and its params are all that can be shown.
+    describe: Optional[Callable[[dict], list[str]]] = None
+
+    def what_it_runs(self, params: dict) -> list[str]:
+        """``describe(params)``, or the params one per line; never raises (a hostile
+        file's params may not even validate: that is said, not hidden)."""
+        if self.describe is not None:
+            try:
+                return [str(line) for line in self.describe(params)]
+            except Exception as exc:  # the description itself must not break the dialog
+                return [f"(cannot describe these params: {type(exc).__name__}: {exc})",
+                        *(f"{k} = {json.dumps(v)}" for k, v in sorted(params.items()))]
+        return [f"{k} = {json.dumps(v)}" for k, v in sorted(params.items())]
 
     def goes_online(self, params: dict) -> bool:
         """Whether a job of this kind with ``params`` needs Blender's Online Access."""
