@@ -94,6 +94,13 @@ class JobContext:
         """True once the job was asked to stop (cancel, timeout or shutdown)."""
         return self._job.cancel_requested
 
+    @property
+    def stop_reason(self) -> Optional[str]:
+        """Why the job was asked to stop: ``"user"`` (cancel), ``"timeout"``, or
+        ``"shutdown"`` (Blender is closing: a resumable job should leave remote work
+        running and resume from its checkpoint); None while it may go on."""
+        return self._job.cancel_reason if self._job.cancel_requested else None
+
     def raise_if_cancelled(self) -> None:
         """Raise ``JobCancelled`` if the job was asked to stop."""
         if self._job.cancel_requested:
