@@ -84,6 +84,18 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         description="The Blender that background renders run (empty: this Blender)",
         subtype="FILE_PATH", default="", update=_apply,
     )
+    comfyui_servers: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="ComfyUI Servers",
+        description="ComfyUI server URLs, comma-separated; generations spread over them, "
+        "one at a time on each (empty: http://127.0.0.1:8188)",
+        default="",
+    )
+    comfyui_token: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="ComfyUI Token",
+        description="Bearer token for servers behind an authenticating proxy. Kept in the "
+        "preferences only: never in a job, the queue's files or a .blend",
+        subtype="PASSWORD", default="", update=_apply,
+    )
     refresh_hz: bpy.props.IntProperty(  # type: ignore[valid-type]
         name="Progress Refresh (Hz)",
         description=(
@@ -113,9 +125,10 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
     def apply_addon_settings(self) -> None:
         """The settings that belong to the add-on, not the engine: the Blender that
         renders, and the panel's refresh rate."""
-        from ..kinds import render
+        from ..kinds import comfyui, render
         from . import runtime
 
+        comfyui.set_default_token(self.comfyui_token or None)
         render.set_default_blender(bpy.path.abspath(self.blender_path) if self.blender_path else None)
         pump = runtime.pump()
         if pump is not None:
@@ -145,6 +158,9 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         col.prop(self, "refresh_hz")
         col = layout.column(heading="Renders")
         col.prop(self, "blender_path")
+        col = layout.column(heading="Generation")
+        col.prop(self, "comfyui_servers")
+        col.prop(self, "comfyui_token")
         layout.prop(self, "log_level")
         if engine is not None and engine.log_path is not None:
             layout.label(text=f"Log: {engine.log_path}", icon="TEXT")

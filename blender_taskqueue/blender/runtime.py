@@ -47,7 +47,7 @@ def _online_check(spec: KindSpec, params: dict) -> Optional[str]:
 
 def start() -> None:
     global _pump, _owned, _alias
-    from ..kinds import demo, process, render  # noqa: F401  (registers the built-in kinds)
+    from ..kinds import comfyui, demo, process, render  # noqa: F401  (registers the built-in kinds)
 
     prefs = preferences.preferences()
     if prefs is not None:  # before the engine starts: a recovered render needs the chosen Blender
