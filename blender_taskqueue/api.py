@@ -163,3 +163,43 @@ def render_current_file(**options: Any) -> str:
     from .blender import background
 
     return background.render_current_file(**options)
+
+
+def generate(
+    workflow_file: Optional[str] = None,
+    *,
+    prompt: Optional[str] = None,
+    negative: Optional[str] = None,
+    seed: Optional[int] = None,
+    count: int = 1,
+    server: Union[str, list, None] = None,
+    input_image: Optional[str] = None,
+    overrides: Optional[dict] = None,
+    **options: Any,
+) -> list[str]:
+    """Queue ``count`` ComfyUI generations of an API-format workflow (the embedded
+    text-to-image one if None) and return their job ids.
+
+    ``prompt``/``negative`` replace the workflow's prompt texts and ``seed`` its
+    seed (found in the graph: the text nodes feeding a sampler, the sampler's
+    seed); job i gets ``seed + i`` (a random start when None, written into the
+    params so a retry makes the same image). ``input_image`` is a local image
+    uploaded to the workflow's LoadImage node. ``overrides`` sets any other input
+    (``{"5.inputs.width": 768}``). Other keywords are ``submit``'s options
+    (``priority``, ``label``, ...) or ``comfyui.prompt`` params (``outputs``,
+    ``token_env``). The whole batch is queued or none of it.
+    """
+    from .kinds import comfyui
+
+    submit_keys = {"priority", "label", "timeout", "max_retries", "memory_mb"}
+    submit_options = {k: options.pop(k) for k in list(options) if k in submit_keys}
+    batch = comfyui.generation_params(
+        workflow_file, prompt=prompt, negative=negative, seed=seed, count=count, server=server,
+        input_image=input_image, overrides=overrides, **options,
+    )
+    label = submit_options.pop("label", None) or (prompt or "generation")[:40]
+    return engine().submit_many([
+        {"kind": comfyui.KIND, "params": p, "label": f"{label} · {i + 1}/{count}" if count > 1 else label,
+         **submit_options}
+        for i, p in enumerate(batch)
+    ])
