@@ -134,6 +134,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "process_overhead_ratio": ("max", 1.5),
     "render_overhead_ratio": ("max", 1.5),
     "cancel_stop_ms": ("max", 1000.0),
+    "comfyui_overhead_ratio": ("max", 1.1),
 }
 
 
@@ -153,6 +154,7 @@ class Sizes:
     process_rounds: int  # paired rounds of each process.run command
     process_lines: int  # lines printed by the "many lines" command
     render_rounds: int  # paired rounds of blender.render against `blender -b -a`
+    comfyui_rounds: int = 3  # paired rounds of comfyui.prompt against a plain client
 
 
 FULL = Sizes(
@@ -168,6 +170,7 @@ FULL = Sizes(
     process_rounds=5,
     process_lines=100_000,
     render_rounds=4,
+    comfyui_rounds=8,
 )
 QUICK = Sizes(
     throughput_jobs=5_000,
@@ -1042,6 +1045,102 @@ class Bench:
         finally:
             engine.shutdown(wait=True, timeout=10.0)
 
+    # ----------------------------------------------------------------------- comfyui.prompt
+
+    def comfyui(self, report: Report) -> None:
+        """``comfyui.prompt`` against a plain client making the same calls (websocket,
+        POST /prompt, messages until execution_success, /history, /view) on the fake
+        ComfyUI server of scripts/comfyui_fake.py, and cancel-to-stopped of a running
+        generation (the server's prompt interrupted, the job cancelled)."""
+        import urllib.parse
+        import urllib.request
+        import uuid
+
+        import websocket
+
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+        import comfyui_fake
+
+        from blender_taskqueue.kinds import comfyui as comfy_kind
+
+        if comfy_kind.KIND not in self.registry:
+            comfy_kind.register(self.registry)
+        workflow = json.loads(comfy_kind.DEFAULT_WORKFLOW.read_text())
+        out = self.log_dir / "comfyui-raw"
+        out.mkdir(parents=True, exist_ok=True)
+        fake = comfyui_fake.FakeComfyUI(root=self.log_dir / "comfyui-server", step_s=0.02, steps=10).start()
+        config = EngineConfig(max_workers=2, log_dir=self.log_dir, console_log=False,
+                              work_dir=self.log_dir / "comfyui-work")
+        engine = Engine(config, registry=self.registry)
+        engine.start()
+        try:
+            rounds = self.sizes.comfyui_rounds
+            _log(self.quiet, f"comfyui.prompt vs a plain client ({rounds} rounds)")
+
+            def engine_side(r: int) -> float:
+                return _timed_job(engine, comfy_kind.KIND, {
+                    "server": fake.url, "workflow": workflow, "overrides": {"3.inputs.seed": 2 * r + 10}})
+
+            def raw_side(r: int) -> float:
+                t0 = time.perf_counter()
+                client_id = uuid.uuid4().hex
+                ws = websocket.create_connection(
+                    fake.url.replace("http", "ws", 1) + f"/ws?clientId={client_id}", timeout=30)
+                try:
+                    graph = json.loads(json.dumps(workflow))
+                    graph["3"]["inputs"]["seed"] = 2 * r + 11  # never the engine's: no cache hits
+                    body = json.dumps({"prompt": graph, "client_id": client_id}).encode()
+                    req = urllib.request.Request(fake.url + "/prompt", data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=30) as resp:
+                        prompt_id = json.loads(resp.read())["prompt_id"]
+                    while True:
+                        msg = ws.recv()
+                        if isinstance(msg, str):
+                            data = json.loads(msg)
+                            if data.get("type") == "execution_success" and \
+                                    data["data"].get("prompt_id") == prompt_id:
+                                break
+                finally:
+                    ws.close()
+                with urllib.request.urlopen(f"{fake.url}/history/{prompt_id}", timeout=30) as resp:
+                    entry = json.loads(resp.read())[prompt_id]
+                for node_out in entry["outputs"].values():
+                    for image in node_out.get("images", []):
+                        query = urllib.parse.urlencode(image)
+                        with urllib.request.urlopen(f"{fake.url}/view?{query}", timeout=30) as resp:
+                            (out / image["filename"]).write_bytes(resp.read())
+                return time.perf_counter() - t0
+
+            raw_side(-1)
+            engine_side(-1)  # warm both: the websocket module import, the first connection
+            _paired(report, "comfyui_generation", "comfyui.prompt, one generation (10 steps)", rounds,
+                    engine_side, raw_side, "comfyui_overhead_ratio",
+                    "baseline: websocket-client + urllib doing the same calls")
+            stops = []
+            fake.step_s, fake.steps = 0.05, 400
+            for _ in range(max(2, rounds // 2)):
+                job = engine.submit(comfy_kind.KIND, {"server": fake.url, "workflow": workflow})
+                deadline = time.monotonic() + 60
+                while not (engine.get(job).message or "").startswith("step"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"comfyui job {job} did not start sampling")
+                    time.sleep(0.005)
+                t0 = time.perf_counter()
+                engine.cancel(job)
+                if not engine.wait([job], timeout=30):
+                    raise RuntimeError(f"cancelled comfyui job {job} did not stop")
+                fake.wait_until(lambda: fake.running() is None, timeout=30)
+                stops.append(time.perf_counter() - t0)
+            report.add(Figure(
+                "cancel_stop_comfyui_ms",
+                f"cancel to stopped: comfyui.prompt (server interrupted), worst of {len(stops)}", "ms",
+                max(stops) * 1000, target="cancel_stop_ms",
+            ))
+        finally:
+            engine.shutdown(wait=True, timeout=10.0)
+            fake.stop()
+
     # ----------------------------------------------------------------------- timer
 
     @staticmethod
@@ -1125,7 +1224,7 @@ def report_json(report: Report, elapsed_s: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render")
+SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render", "comfyui")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -1164,6 +1263,7 @@ def run(args: argparse.Namespace) -> Report:
         ("sidecar", bench.sidecar),
         ("process_run", bench.process_run),
         ("blender_render", bench.blender_render),
+        ("comfyui", bench.comfyui),
     ]
     if args.section:
         sections = [(name, fn) for name, fn in sections if name in args.section]
