@@ -188,11 +188,13 @@ def newest_generation() -> Any:
     if pump is None:
         return None
     mirror = pump.mirror
-    for job_id in reversed(mirror.order):
+    newest = None
+    for job_id in mirror.order:
         info = mirror.info(job_id)
-        if info is not None and info.kind == comfyui.KIND and info.state is JobState.COMPLETED:
-            return info
-    return None
+        if info is not None and info.kind == comfyui.KIND and info.state is JobState.COMPLETED and (
+                newest is None or (info.finished_at or 0) > (newest.finished_at or 0)):
+            newest = info
+    return newest
 
 
 class VIEW3D_PT_taskqueue_generate(bpy.types.Panel):
