@@ -4,8 +4,9 @@ Run by scripts/demo.sh with the bpy venv's python, twice:
 
 * ``--phase main``: installs the built extension with Blender's own installer
   into a temporary profile, submits a mixed batch through the console API
-  (``import blender_taskqueue as tq``), cancels one job with the panel's
-  operator, shows the queue in the terminal as the panel shows it (the same
+  (``import blender_taskqueue as tq``), two ComfyUI generations through the
+  Generate section (against scripts/comfyui_fake.py on 127.0.0.1), cancels one
+  job with the panel's operator, shows the queue in the terminal as the panel shows it (the same
   labels, progress texts and counts), queues three more jobs on a paused queue
   and saves a .blend.
 * ``--phase reopen``: a fresh profile, as on another machine: installs the
@@ -115,6 +116,20 @@ def phase_main(zip_path: Path, blend: Path) -> int:
 
     render_id = runtime.selected_job_id()
     ids.append(render_id)
+    # AI generation, the product's main job: two ComfyUI generations through the
+    # Generate section, against the protocol-faithful ComfyUI server that the tests
+    # use (scripts/comfyui_fake.py), on 127.0.0.1 (a real ComfyUI is the same URL).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfyui_fake
+
+    comfy = comfyui_fake.FakeComfyUI(step_s=0.05, steps=12).start()
+    prefs = bpy.context.preferences.addons["bl_ext.user_default.blender_taskqueue"].preferences
+    prefs.comfyui_servers = comfy.url
+    gen = scene.taskqueue_generate
+    gen.prompt, gen.random_seed, gen.seed, gen.count = "a lighthouse in a storm", False, 7, 2
+    bpy.ops.taskqueue.generate()
+    generations = [i.id for i in tq.jobs() if i.kind == "comfyui.prompt"]
+    ids += generations
     turntable = ids[5]
     tty = sys.stdout.isatty()
     started = time.monotonic()
@@ -143,6 +158,13 @@ def phase_main(zip_path: Path, blend: Path) -> int:
         files = render.result["files"]
         print(f"\nBackground render (Blender {render.result['blender']}): {len(files)} frames in "
               f"{render.result['output_dir']}; this Blender stayed free while it ran.")
+    for info in (tq.get(i) for i in generations):
+        if info.result:
+            print(f"\nComfyUI generation '{info.label}': prompt {info.result['prompt_id']} on "
+                  f"{info.result['server']} -> {', '.join(Path(f).name for f in info.result['files'])}, "
+                  f"loaded as image(s) {', '.join(info.result.get('datablocks') or [])}")
+    print(f"ComfyUI saw {len(comfy.submissions)} prompt(s) for {len(generations)} generation job(s).")
+    comfy.stop()
     made = sorted(o.name for o in bpy.data.objects if o.name.startswith("TQ_Empty_"))
     print(f"\nObjects made on the main thread: {', '.join(made)}")
 
