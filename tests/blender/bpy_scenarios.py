@@ -355,7 +355,9 @@ def scenario_surface() -> dict[str, Any]:
         out["ops"][name] = {"class": cls_name, "registered": hasattr(types, cls_name),
                             "poll": bool(fn.poll())}
     operators = sub("blender.operators")
-    out["op_classes"] = {c.__name__: [c.bl_idname, bool(c.is_registered)] for c in operators.classes}
+    generate = sub("blender.generate")
+    out["op_classes"] = {c.__name__: [c.bl_idname, bool(c.is_registered)]
+                         for c in (*operators.classes, *generate.classes) if c.__name__.startswith("TASKQUEUE_OT_")}
     out["wm_property"] = hasattr(bpy.types.WindowManager, "taskqueue") and hasattr(
         bpy.context.window_manager, "taskqueue")
     out["scene_property"] = hasattr(bpy.context.scene, "taskqueue_saved")
