@@ -41,6 +41,7 @@ Importing this module registers the kind. Never imports ``bpy``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -627,7 +628,7 @@ def describe_refusal(answer: Any, graph: dict, status: int) -> str:
             for err in entry.get("errors") or []:
                 if not isinstance(err, dict):
                     continue
-                extra = err.get("extra_info") if isinstance(err.get("extra_info"), dict) else {}
+                extra = _as_dict(err.get("extra_info"))
                 name = extra.get("input_name")
                 what = str(err.get("message") or err.get("type") or "error")
                 more = str(err.get("details") or "")
@@ -754,8 +755,10 @@ class Tracker:
 
 def outcome_from_history(entry: dict) -> tuple[Optional[str], Optional[dict]]:
     """("success" | "error" | "interrupted" | None while running, the error message data)."""
-    status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
-    messages = status.get("messages") if isinstance(status.get("messages"), list) else []
+    status = _as_dict(entry.get("status"))
+    messages = status.get("messages")
+    if not isinstance(messages, list):
+        messages = []
     error = None
     for item in messages:
         if isinstance(item, list) and len(item) == 2 and item[0] in (
@@ -828,7 +831,7 @@ class _Run:
         for path, file in self.params.inputs.items():
             ctx.raise_if_cancelled()
             ctx.progress(0.0, "uploading", os.path.basename(file))
-            uploaded[path] = self._retrying(lambda f=file: self.client.upload(Path(f)))
+            uploaded[path] = self._retrying(functools.partial(self.client.upload, Path(file)))
         self.graph = self.params.graph(uploaded)
         # Checkpoint the id first: if Blender dies during the POST, the resumed job
         # finds the prompt by this id instead of paying for it twice.
@@ -1035,7 +1038,7 @@ class _Run:
 
     def _collect(self, entry: dict) -> dict:
         ctx = self.ctx
-        outputs = entry.get("outputs") if isinstance(entry.get("outputs"), dict) else {}
+        outputs = _as_dict(entry.get("outputs"))
         wanted = self.params.outputs
         items = list(_output_items(outputs, wanted))
         if len(items) > MAX_OUTPUT_FILES:
@@ -1047,7 +1050,7 @@ class _Run:
             ctx.progress(1.0, "downloading", f"{n}/{len(items)}")
             name = _safe_name(node_id, str(item.get("filename", "")))
             dest = ctx.workdir / name
-            self._retrying(lambda i=item, d=dest: self.client.download(i, d))
+            self._retrying(functools.partial(self.client.download, item, dest))
             files.append(str(dest))
             images.append({"node": node_id, "filename": item.get("filename"), "path": str(dest)})
         result: dict[str, Any] = {"prompt_id": self.prompt_id, "server": self.server,
@@ -1056,6 +1059,10 @@ class _Run:
         if files and self.params.load_images and loader is not None:
             result["datablocks"] = ctx.call_on_main(loader, files)
         return result
+
+
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _entry_is_ours(item: Any, prompt_id: str, client_id: str) -> bool:
