@@ -1090,7 +1090,7 @@ def _output_items(outputs: dict, wanted: Optional[list[str]]) -> Iterator[tuple[
 def _safe_name(node_id: str, filename: str) -> str:
     """A file name for an output that cannot leave the job's folder."""
     base = _SAFE.sub("_", os.path.basename(filename.replace("\\", "/"))).lstrip(".") or "output"
-    return f"{_SAFE.sub('_', node_id)}_{base}"[-150:]
+    return f"{_SAFE.sub('_', node_id)}_{base}"[-150:].lstrip(".") or "output"
 
 
 def _token(params: ComfyParams) -> Optional[str]:
