@@ -326,3 +326,21 @@ def test_tq_generate_queues_a_batch_atomically(engine, server):
         assert len(engine.jobs()) == before
     finally:
         tq.set_engine(old)
+
+
+def test_closing_blender_leaves_the_generation_running_and_the_next_start_collects_it(
+        make_engine, registry, server, tmp_path):
+    comfyui.register(registry)
+    config = {"max_workers": 2, "work_dir": tmp_path / "w", "state_dir": tmp_path / "s"}
+    first = make_engine(**config)
+    server.step_s, server.steps = 0.1, 30
+    job_id = first.submit(comfyui.KIND, params(server))
+    wait_until(lambda: server.running() is not None, what="the prompt running")
+    first.shutdown(wait=True, timeout=5.0)
+    assert server.interrupts == [] and server.deletes == []
+    assert server.running() is not None  # still generating while Blender is closed
+    second = make_engine(**config)
+    info = finish(second, job_id)
+    assert info.state is JobState.COMPLETED, info.error
+    assert len(server.submissions) == 1
+    assert Path(info.result["files"][0]).read_bytes().startswith(PNG)
