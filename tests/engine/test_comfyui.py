@@ -258,7 +258,7 @@ def test_an_unreachable_server_fails_clearly_and_never_submits(engine, tmp_path)
 
 def test_input_images_are_uploaded_and_wired_in(engine, server, tmp_path):
     picture = tmp_path / "render.png"
-    picture.write_bytes(comfyui_fake.png_bytes(8, 8, (200, 10, 10)))
+    picture.write_bytes(comfyui_fake.png_bytes(8, 8, b"a render"))
     graph = json.loads(json.dumps(WORKFLOW))
     graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}}
     graph["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
