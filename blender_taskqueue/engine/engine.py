@@ -51,6 +51,7 @@ from .errors import (
     UnknownKind,
 )
 from .events import EventQueue, MainCallQueue
+from .cluster import REMOTE_KEY, Refuse, dask_key
 from .executor import Executor, LocalExecutor, Outcome
 from .history import History
 from .kinds import KindRegistry, KindSpec
@@ -100,6 +101,12 @@ PYTHON_CALL_SPEC = KindSpec(
 )
 
 
+
+def _on_cluster(job: JobRecord) -> bool:
+    """The job's current attempt runs on a dask cluster (it re-attaches after a restart)."""
+    checkpoint = job.checkpoint
+    return isinstance(checkpoint, dict) and checkpoint.get(REMOTE_KEY) == dask_key(job.id, job.attempt)
+
 class Engine:
     """Runs jobs of registered kinds on worker threads. See ``EngineConfig`` for limits.
 
@@ -139,6 +146,9 @@ class Engine:
         self._admission = Admission(lambda: self._config, self._spec_or_none, self._memory)
         self._timers = Timers()
         self._local_executor: Executor = LocalExecutor(self)
+        self._cluster: Optional[Any] = None  # a ClusterExecutor while config.cluster is set
+        self._cluster_for: Optional[tuple] = None
+        self._cluster_lock = threading.Lock()
         self._results = ResultLoader(self, self.workdir_for)
         self._busy = 0
         self._done_waiters = 0  # threads in wait()/shutdown() waiting on _done_cv
@@ -252,7 +262,7 @@ class Engine:
             now_wall = self._wall()
             for job in list(self._running.values()):
                 spec = self._spec_or_none(job.kind)
-                if spec is not None and spec.resumable:
+                if spec is not None and (spec.resumable or _on_cluster(job)):
                     continue  # stays "running" on disk; adoption re-queues it from its checkpoint
                 job.message = (
                     f"did not stop within {timeout:g} s of shutdown"
@@ -270,6 +280,8 @@ class Engine:
         for info in stuck:
             self._log_finished(info)
             self._callbacks.fire_here(info)
+        if self._cluster is not None:
+            self._cluster.close()
         self._results.stop(1.0)
         self.logger.info("engine stopped", stuck_workers=stuck_workers)
         self._after_shutdown()
@@ -486,6 +498,7 @@ class Engine:
                 available_memory_mb=round(self._memory.available_mb(), 1),
                 write_error=self._write_error(),
                 thread_error=self._pool.error,
+                cluster_error=self._cluster.last_error if self._cluster is not None else None,
             )
 
     def _write_error(self) -> Optional[str]:
@@ -1047,15 +1060,43 @@ class Engine:
         self._events.state(job)
         self._changed_locked(job, urgent=True)
 
-    def _executor_for(self, spec: Optional[KindSpec]) -> Executor:
-        """Where a job's work runs: on this worker thread. (The seam for a cluster
-        executor: kinds marked for remote work would get it here.)"""
-        return self._local_executor
+    def _executor_for(self, job: JobRecord, spec: Optional[KindSpec]) -> Executor:
+        """Where a job's work runs: on this worker thread, or, for ``remote_ok`` kinds
+        while a cluster is configured, on the cluster (engine/cluster.py). A job that
+        was running on a cluster before a crash is re-attached there, never run again
+        here."""
+        remote = (job.checkpoint or {}).get(REMOTE_KEY) == dask_key(job.id, job.attempt)
+        cluster = self._cluster_executor()
+        if cluster is None or spec is None or not (spec.remote_ok or remote):
+            if remote:
+                return Refuse(f"job {job.id} was running on a dask cluster, and none is configured "
+                               "now; it is not run here (it may still run there)")
+            return self._local_executor
+        if not remote and self._config.cluster_fallback_local and not cluster.reachable():
+            return self._local_executor
+        return cluster
+
+    def _cluster_executor(self) -> Optional[Any]:
+        config = self._config
+        wanted = (config.cluster, config.cluster_tls_ca_file, config.cluster_tls_cert,
+                  config.cluster_tls_key, config.cluster_modules) if config.cluster else None
+        with self._cluster_lock:
+            if wanted != self._cluster_for:
+                old, self._cluster, self._cluster_for = self._cluster, None, wanted
+                if old is not None:
+                    old.close()
+                if wanted is not None:
+                    from .cluster import ClusterExecutor, security_for
+
+                    self._cluster = ClusterExecutor(self, config.cluster or "",
+                                                    security=security_for(config),
+                                                    modules=config.cluster_modules)
+            return self._cluster
 
     def _run_claimed(self, job: JobRecord) -> Optional[JobRecord]:
         """Run a claimed job's work and record its outcome; returns the next job to run."""
         spec = self._spec_or_none(job.kind)
-        outcome = self._executor_for(spec).execute(job, spec)
+        outcome = self._executor_for(job, spec).execute(job, spec)
         return self._finish(job, spec, outcome)
 
     def _finish(self, job: JobRecord, spec: Optional[KindSpec], outcome: Outcome) -> Optional[JobRecord]:
@@ -1072,11 +1113,14 @@ class Engine:
             reason = job.cancel_reason if job.cancel_requested else None
             kind = outcome.kind
             if reason == "shutdown" and kind != "ok":
-                if spec is not None and spec.resumable and kind == "cancelled":
+                if spec is not None and (spec.resumable or _on_cluster(job)) and kind == "cancelled":
                     self._requeue_locked(job, "stopped by shutdown; resumes from its checkpoint")
                 else:
                     job.message = "stopped by shutdown"
                     info = self._terminal_locked(job, _S.INTERRUPTED, now_wall)
+            elif kind == "interrupted":  # a cluster worker died: said, never silently re-run
+                job.message = str(outcome.value)
+                info = self._terminal_locked(job, _S.INTERRUPTED, now_wall)
             elif reason == "user" or (kind == "cancelled" and reason is None):
                 if kind == "cancelled" and str(outcome.value):
                     job.message = str(outcome.value)  # the handler's word on what it stopped

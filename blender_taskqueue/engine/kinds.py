@@ -43,6 +43,10 @@ class KindSpec:
     # it got (``ctx.slot``). None: the kind has no such resources.
     slots: Optional[Callable[[dict], list]] = None
     slot_limit: int = 1
+    # Jobs of this kind may run on a dask cluster when one is configured
+    # (EngineConfig.cluster): the handler then runs on a cluster worker, which must
+    # have this package (and the kind's module) installed.
+    remote_ok: bool = False
     # What a job with these (JSON) params will do, exactly, as lines a person reads
     # before releasing a job from another file: the resolved program and full argv,
     # environment changes, files read and written, servers contacted. None: the

@@ -177,6 +177,7 @@ class EngineStats(NamedTuple):
     available_memory_mb: float
     write_error: Optional[str] = None
     thread_error: Optional[str] = None  # an engine thread hit an error (a bug): what and where
+    cluster_error: Optional[str] = None  # the configured dask cluster cannot be reached: why
 
 
 class Event(NamedTuple):
@@ -211,6 +212,20 @@ class EngineConfig(BaseModel):
     log_dir: Optional[Path] = Field(None, description="folder of the JSON log; default platformdirs")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     console_log: bool = Field(True, description="also log readable text to stderr")
+    # Scale-out (the optional dask extra): jobs of remote_ok kinds run on this cluster.
+    cluster: Optional[str] = Field(
+        None, pattern=r"^(tcp|tls|ws|wss|inproc)://\S+$",
+        description="dask scheduler address, e.g. tcp://127.0.0.1:8786; None = local only",
+    )
+    cluster_fallback_local: bool = Field(
+        False, description="run remote_ok jobs locally while the cluster is unreachable"
+    )
+    cluster_tls_ca_file: Optional[str] = Field(None, description="TLS: the CA certificate")
+    cluster_tls_cert: Optional[str] = Field(None, description="TLS: this client's certificate")
+    cluster_tls_key: Optional[str] = Field(None, description="TLS: this client's private key")
+    cluster_modules: tuple[str, ...] = Field(
+        (), description="modules a cluster worker imports to find the kinds (beyond the built-in ones)"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

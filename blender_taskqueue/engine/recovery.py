@@ -19,6 +19,7 @@ import socket
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
+from .cluster import REMOTE_KEY
 from .kinds import KindSpec
 from .models import JobState
 from .record import JobRecord
@@ -173,7 +174,10 @@ def revive(
     state = job.state
     if state.is_terminal:
         return "finished"
-    resumable = spec is not None and spec.resumable
+    # A job that was running on a dask cluster is re-attached there (the cluster
+    # keeps its future), never run again: it resumes like a resumable one.
+    remote = isinstance(job.checkpoint, dict) and REMOTE_KEY in job.checkpoint
+    resumable = spec is not None and (spec.resumable or remote)
     if job.kind != PYTHON_CALL and (state is not _S.RUNNING or resumable):
         counted = "requeued"
         if state is _S.DISPATCHED:
@@ -182,7 +186,8 @@ def revive(
             counted = "resumed"
             job.attempt = max(0, job.attempt - 1)  # the resume continues that attempt
             job.message = (
-                "resumes from its checkpoint after a crash"
+                "re-attaches to its run on the cluster after a crash" if remote
+                else "resumes from its checkpoint after a crash"
                 if job.checkpoint is not None
                 else "starts again after a crash (it had no checkpoint)"
             )
