@@ -275,6 +275,10 @@ class VIEW3D_PT_taskqueue(bpy.types.Panel):
             box = col.box()
             box.alert = True
             _wrapped(box, f"Engine error (please report it): {stats.thread_error}", icon="ERROR", limit=3)
+        if getattr(stats, "cluster_error", None):
+            box = col.box()
+            box.alert = True
+            _wrapped(box, f"Dask cluster: {stats.cluster_error}", icon="NETWORK_DRIVE", limit=3)
 
     @staticmethod
     def _draw_recovery(layout: Any, recovery: Any, stats: Any) -> None:

@@ -96,6 +96,30 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         "preferences only: never in a job, the queue's files or a .blend",
         subtype="PASSWORD", default="", update=_apply,
     )
+    cluster: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Dask Cluster",
+        description="Scheduler address (tcp://host:8786) for kinds that may run remotely; empty: "
+        "this machine only. Needs the dask extra (pip install dask[distributed]) here and on the "
+        "workers, which must have this package installed",
+        default="", update=_apply,
+    )
+    cluster_fallback_local: bpy.props.BoolProperty(  # type: ignore[valid-type]
+        name="Run Locally When Unreachable",
+        description="While the cluster cannot be reached, run its jobs here instead of failing them",
+        default=False, update=_apply,
+    )
+    cluster_tls_ca_file: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Cluster CA", description="TLS: the certificate authority file (empty: no TLS)",
+        subtype="FILE_PATH", default="", update=_apply,
+    )
+    cluster_tls_cert: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Cluster Certificate", description="TLS: this client's certificate file",
+        subtype="FILE_PATH", default="", update=_apply,
+    )
+    cluster_tls_key: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Cluster Key", description="TLS: this client's private key file",
+        subtype="FILE_PATH", default="", update=_apply,
+    )
     refresh_hz: bpy.props.IntProperty(  # type: ignore[valid-type]
         name="Progress Refresh (Hz)",
         description=(
@@ -120,6 +144,11 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
             "history_limit": int(self.history_limit),
             "auto_resume": bool(self.auto_resume),
             "log_level": str(self.log_level),
+            "cluster": self.cluster.strip() or None,
+            "cluster_fallback_local": bool(self.cluster_fallback_local),
+            "cluster_tls_ca_file": bpy.path.abspath(self.cluster_tls_ca_file) or None,
+            "cluster_tls_cert": bpy.path.abspath(self.cluster_tls_cert) or None,
+            "cluster_tls_key": bpy.path.abspath(self.cluster_tls_key) or None,
         }
 
     def apply_addon_settings(self) -> None:
@@ -136,7 +165,13 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
 
     def engine_config(self) -> EngineConfig:
         state = Path(bpy.path.abspath(self.state_dir)) if self.state_dir else default_state_dir()
-        return EngineConfig(state_dir=state, **self.engine_changes())
+        changes = self.engine_changes()
+        try:
+            return EngineConfig(state_dir=state, **changes)
+        except ValueError as exc:  # e.g. a mistyped cluster address: start without the cluster
+            print(f"blender_taskqueue: cluster settings not applied: {exc}")
+            return EngineConfig(state_dir=state, **{k: v for k, v in changes.items()
+                                                    if not k.startswith("cluster")})
 
     def draw(self, context: Any) -> None:
         layout = self.layout
@@ -158,6 +193,13 @@ class TASKQUEUE_AddonPreferences(bpy.types.AddonPreferences):
         col.prop(self, "refresh_hz")
         col = layout.column(heading="Renders")
         col.prop(self, "blender_path")
+        col = layout.column(heading="Scale-Out")
+        col.prop(self, "cluster")
+        if self.cluster:
+            col.prop(self, "cluster_fallback_local")
+            col.prop(self, "cluster_tls_ca_file")
+            col.prop(self, "cluster_tls_cert")
+            col.prop(self, "cluster_tls_key")
         col = layout.column(heading="Generation")
         col.prop(self, "comfyui_servers")
         col.prop(self, "comfyui_token")
