@@ -1141,6 +1141,52 @@ class Bench:
             engine.shutdown(wait=True, timeout=10.0)
             fake.stop()
 
+    # ----------------------------------------------------------------------- dask cluster
+
+    def cluster(self, report: Report) -> None:
+        """A remote_ok job (demo.render, 5 frames of 20 ms) on a loopback dask
+        LocalCluster against the same job on the local engine, and how long a
+        worker's progress report takes to reach the engine (p99)."""
+        try:
+            import dask
+            import distributed
+        except ImportError:
+            report.details["cluster"] = "skipped: dask[distributed] is not installed"
+            return
+        from blender_taskqueue.engine import registry as shared_registry
+        from blender_taskqueue.kinds import demo  # noqa: F401  (registers demo.render)
+
+        if "demo.render" not in self.registry:
+            self.registry.register(shared_registry.get("demo.render"))
+        params = {"frames": 5, "seconds_per_frame": 0.02}
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                          host="127.0.0.1", dashboard_address=None)
+        remote = Engine(EngineConfig(max_workers=2, log_dir=self.log_dir, console_log=False,
+                                     cluster=lc.scheduler_address), registry=self.registry)
+        local = Engine(EngineConfig(max_workers=2, log_dir=self.log_dir, console_log=False),
+                       registry=self.registry)
+        remote.start()
+        local.start()
+        try:
+            rounds = max(3, self.sizes.comfyui_rounds)
+            _log(self.quiet, f"demo.render on a dask LocalCluster vs the local engine ({rounds} rounds)")
+            _timed_job(remote, "demo.render", params)  # warm: connect, import on the workers
+            _paired(report, "cluster_job", "demo.render (5 x 20 ms) on a loopback dask cluster", rounds,
+                    lambda _r: _timed_job(remote, "demo.render", params),
+                    lambda _r: _timed_job(local, "demo.render", params),
+                    None, "baseline: the same job on the local engine")  # type: ignore[arg-type]
+            executor = remote._cluster
+            samples = [s * 1000 for s in (executor.latencies if executor is not None else [])]
+            if samples:
+                report.add(Figure("cluster_progress_p99_ms",
+                                  f"cluster progress report to engine, p99 of {len(samples)}", "ms",
+                                  percentile(samples, 99)))
+        finally:
+            remote.shutdown(wait=True, timeout=10.0)
+            local.shutdown(wait=True, timeout=10.0)
+            lc.close()
+
     # ----------------------------------------------------------------------- timer
 
     @staticmethod
@@ -1224,7 +1270,7 @@ def report_json(report: Report, elapsed_s: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render", "comfyui")
+SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render", "comfyui", "cluster")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -1264,6 +1310,7 @@ def run(args: argparse.Namespace) -> Report:
         ("process_run", bench.process_run),
         ("blender_render", bench.blender_render),
         ("comfyui", bench.comfyui),
+        ("cluster", bench.cluster),
     ]
     if args.section:
         sections = [(name, fn) for name, fn in sections if name in args.section]

@@ -173,9 +173,10 @@ class RemoteContext:
 
     @property
     def log(self) -> Any:
-        import logging
+        import structlog
 
-        return logging.getLogger(f"blender_taskqueue.remote.{self.kind}")
+        return structlog.get_logger("blender_taskqueue.remote").bind(
+            job_id=self.job_id, kind=self.kind, attempt=self.attempt)
 
     def close(self) -> None:
         if self._pending is not None:

@@ -256,6 +256,7 @@ def job_kind(
     max_concurrency: Optional[int] = None,
     network: bool = False,
     out_of_process: bool = False,
+    remote_ok: bool = False,
     registry: KindRegistry = registry,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register the decorated ``handler(ctx, params)`` as job kind ``name``.
@@ -268,6 +269,7 @@ def job_kind(
         network: the kind goes online (Blender's "Allow Online Access" applies).
         out_of_process: the work runs in child processes, so a job's ``memory_mb``
             counts against free memory but not against ``max_memory_mb``.
+        remote_ok: jobs may run on a dask cluster when one is configured.
 
     Returns:
         The handler, unchanged.
@@ -283,6 +285,7 @@ def job_kind(
                 max_concurrency=max_concurrency,
                 network=network,
                 out_of_process=out_of_process,
+                remote_ok=remote_ok,
                 description=(handler.__doc__ or "").strip().splitlines()[0]
                 if handler.__doc__
                 else "",

@@ -16,7 +16,7 @@ class DemoRender(BaseModel):
     fail_at_frame: Optional[int] = Field(None, ge=1, description="raise an error at this frame")
 
 
-@job_kind("demo.render", params=DemoRender, resumable=True)
+@job_kind("demo.render", params=DemoRender, resumable=True, remote_ok=True)
 def render(ctx: JobContext, params: DemoRender) -> dict:
     """Render frames one by one (pretend), checkpointing each, resumable after a crash."""
     start = (ctx.resume_from or {}).get("frames_done", 0)
