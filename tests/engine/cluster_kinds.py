@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from blender_taskqueue.engine import KindSpec, registry
+from blender_taskqueue.kinds import process
 
 
 def _log(params: dict, line: str) -> None:
@@ -46,6 +47,8 @@ SPECS = [
     KindSpec("cl.forever", forever, remote_ok=True),
     KindSpec("cl.fails", fails, remote_ok=True),
     KindSpec("cl.local", lambda ctx, params: os.getpid()),
+    # process.run itself, allowed on the cluster: its tree is stopped on the worker.
+    KindSpec("cl.process", process.run_process, params=process.ProcessRun, remote_ok=True),
 ]
 for spec in SPECS:
     registry.register(spec, replace=True)

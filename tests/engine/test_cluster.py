@@ -99,6 +99,27 @@ def test_cancel_stops_a_running_remote_job(engine, tmp_path):
     assert time.monotonic() - t0 < 10  # cooperative, not the grace-period future.cancel()
 
 
+def test_cancel_of_a_remote_process_run_kills_its_tree_on_the_worker(engine, tmp_path):
+    import psutil
+
+    pids = tmp_path / "pids"
+    script = ("import os, subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+              "print('up', flush=True)\ntime.sleep(120)\n")
+    job_id = engine.submit("cl.process", {"argv": [sys.executable, "-c", script]})
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, timeout=60,
+               what="the remote process tree up")
+    tree = [int(p) for p in pids.read_text().split()]
+    engine.cancel(job_id)
+    assert finish(engine, job_id, timeout=30).state is JobState.CANCELLED
+
+    def gone() -> bool:
+        return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                   for p in tree)
+    wait_until(gone, timeout=20, what="the remote process and its child stopped")
+
+
 def test_a_killed_worker_ends_the_job_interrupted_and_never_reruns_it(engine, tmp_path):
     log = tmp_path / "log"
     job_id = engine.submit("cl.forever", {"log": str(log)})
