@@ -195,3 +195,43 @@ def test_an_unreachable_cluster_is_said_and_falls_back_only_if_asked(make_engine
     engine.configure(cluster_fallback_local=True)
     info = finish(engine, engine.submit("cl.steps", {"n": 1, "log": str(tmp_path / "b")}), timeout=60)
     assert info.state is JobState.COMPLETED and info.result["pid"] == os.getpid()
+
+
+def _certificates(folder: Path) -> tuple[str, str, str]:
+    """A CA and one certificate for 127.0.0.1 signed by it (openssl), as files."""
+    ca_key, ca, key, csr, cert = (str(folder / n) for n in ("ca.key", "ca.pem", "tq.key", "tq.csr", "tq.pem"))
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+        "-subj", "/CN=taskqueue-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    ext = folder / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+        "-days", "1", "-extfile", str(ext))
+    return ca, cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+def test_a_tls_cluster_with_the_configured_certificates(make_engine, registry, tmp_path):
+    from distributed.security import Security
+
+    ca, cert, key = _certificates(tmp_path)
+    sec = Security(tls_ca_file=ca, tls_scheduler_cert=cert, tls_scheduler_key=key,
+                   tls_worker_cert=cert, tls_worker_key=key, tls_client_cert=cert, tls_client_key=key,
+                   require_encryption=True)
+    lc = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  protocol="tls", security=sec, dashboard_address=None)
+    try:
+        assert lc.scheduler_address.startswith("tls://")
+        for spec in cluster_kinds.SPECS:
+            registry.register(spec)
+        log = tmp_path / "log"
+        plain = make_engine(max_workers=1, cluster=lc.scheduler_address, cluster_modules=("cluster_kinds",))
+        refused = finish(plain, plain.submit("cl.steps", {"n": 1, "log": str(log)}), timeout=60)
+        assert refused.state is JobState.FAILED  # no certificates: the cluster does not let it in
+        secure = make_engine(max_workers=1, cluster=lc.scheduler_address, cluster_modules=("cluster_kinds",),
+                             cluster_tls_ca_file=ca, cluster_tls_cert=cert, cluster_tls_key=key)
+        info = finish(secure, secure.submit("cl.steps", {"n": 2, "log": str(log)}), timeout=60)
+        assert info.state is JobState.COMPLETED, info.error
+    finally:
+        lc.close()
