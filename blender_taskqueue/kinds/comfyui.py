@@ -807,7 +807,7 @@ class _Run:
         self._connect()
         try:
             if phase in ("submitted", "submitting"):
-                known = self._find()
+                known = self._retrying(self._find)  # a server still booting is waited for
                 if known is None and phase == "submitted":
                     raise ComfyUIError(
                         f"prompt {self.prompt_id} is no longer known to {self.server} (did it "

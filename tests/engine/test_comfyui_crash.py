@@ -162,3 +162,25 @@ def test_a_server_that_forgot_the_prompt_fails_and_never_submits_again(tmp_path,
     with pytest.raises(comfyui.ComfyUIError, match="no longer known.*not submitted again"):
         comfyui.run_prompt(FakeCtx(tmp_path, resume), params_for(server))  # type: ignore[arg-type]
     assert server.submissions == []
+
+
+def test_re_attachment_waits_for_a_server_that_is_still_starting(tmp_path, server, monkeypatch):
+    prompt_id, client_id = str(uuid.uuid4()), "taskqueue-late"
+    import urllib.request
+    body = json.dumps({"prompt": WORKFLOW, "client_id": client_id, "prompt_id": prompt_id}).encode()
+    urllib.request.urlopen(urllib.request.Request(server.url + "/prompt", data=body, method="POST"))
+    server.wait_until(lambda: prompt_id in server.history())
+    real_queue, refusals = comfyui.Client.queue, []
+
+    def booting(self):  # the first answers after Blender comes back: connection refused
+        if len(refusals) < 3:
+            refusals.append(1)
+            raise comfyui.ServerUnreachable(f"ComfyUI server {self.server} is not reachable: refused")
+        return real_queue(self)
+    monkeypatch.setattr(comfyui.Client, "queue", booting)
+    resume = {"server": server.url, "prompt_id": prompt_id, "client_id": client_id, "phase": "submitted"}
+    params = comfyui.ComfyParams.model_validate(
+        {"server": server.url, "workflow": WORKFLOW, "poll_s": 0.05, "unreachable_s": 30})
+    result = comfyui.run_prompt(FakeCtx(tmp_path, resume), params)  # type: ignore[arg-type]
+    assert len(refusals) == 3
+    assert result["prompt_id"] == prompt_id and len(server.submissions) == 1
