@@ -194,7 +194,7 @@ def run_remote(kind: str, params: dict, job_id: str, attempt: int, resume_from: 
 
     started = Variable(f"{key}-started")
     try:
-        where = started.get(timeout=0.05)
+        where = started.get(timeout=0.001)
     except TimeoutError:
         where = None
     if where is not None:
@@ -320,10 +320,12 @@ class ClusterExecutor:
             key = dask_key(job.id, job.attempt)
             self._engine._record_checkpoint(job, {**checkpoint, REMOTE_KEY: key})
         inbox: "queue.SimpleQueue[dict]" = queue.SimpleQueue()
+        wake = threading.Event()  # a report arrived or the future finished
 
         def on_event(event: Any) -> None:
             _at, message = event
             inbox.put(message)
+            wake.set()
         client.subscribe_topic(key, on_event)
         try:
             if future is None:
@@ -334,6 +336,7 @@ class ClusterExecutor:
                 )
                 client.publish_dataset(future, name=key, override=True)
             assert isinstance(future, Future)
+            future.add_done_callback(lambda _f: wake.set())
             cancel_at: Optional[float] = None
             user_checkpoint = checkpoint
             while True:
@@ -348,7 +351,8 @@ class ClusterExecutor:
                     raise JobCancelled(f"{key} did not stop within {CANCEL_GRACE_S:g} s; cancelled")
                 if future.done():
                     break
-                time.sleep(0.02)
+                wake.wait(0.05)  # cancel is seen within 50 ms
+                wake.clear()
             self._drain(job, inbox, key, user_checkpoint)
             if future.status == "error":
                 exc = future.exception()
