@@ -2,8 +2,9 @@
 
 Not imported by the add-on: Blender runs this file with ``--python`` (or a Python
 that has the ``bpy`` module runs it directly, with ``"open": true`` so it opens
-the .blend itself). Its one argument, after ``--``, is a JSON object made by
-``render.driver_args``, or the path of a file that holds it. It talks back
+the .blend itself, its scripts off unless the job is ``trusted``). Its one
+argument, after ``--``, is a JSON object made by ``render.driver_args``, or the
+path of a file that holds it. It talks back
 through stdout lines that start with ``TASKQUEUE `` followed by a JSON object
 with an ``event``:
 
@@ -48,7 +49,11 @@ def frame_path(out, prefix, frame, ext):
 
 def setup(bpy, args):
     if args.get("open"):
-        bpy.ops.wm.open_mainfile(filepath=args["blend_file"], load_ui=False)
+        # The file's own scripts run only for a trusted job (the Blender child gets
+        # --disable-autoexec on its command line instead).
+        bpy.ops.wm.open_mainfile(
+            filepath=args["blend_file"], load_ui=False, use_scripts=args.get("trusted") is True
+        )
     if args.get("scene"):
         scene = bpy.data.scenes.get(args["scene"])
         if scene is None:

@@ -11,8 +11,18 @@ stdout; the worker thread only watches it through ``process.watch``. So:
   checkpoint and skips the frames this job already wrote (their files are newer
   than the job's first start); a retry does the same;
 * cancel and timeouts stop the child Blender and anything it started, as
-  ``process.run`` does;
+  ``process.run`` does (its process tree, its group and every process carrying
+  the job's environment marker);
 * the result lists the written files, in frame order.
+
+Scripts in the file. The child opens the .blend with Python auto-execution off
+(``--disable-autoexec``; for a Python with the ``bpy`` module, ``use_scripts=False``)
+unless the job's ``trusted`` param is True, and ``--enable-autoexec`` is never
+passed: a trusted job leaves it to the child Blender's own preference. Only the
+Blender layer sets ``trusted``, for a file Blender's own rules trusted (Auto Run
+Python Scripts on, the file not in an excluded folder); a job that comes from
+another file's saved queue says ``trusted`` in its description, which is what a
+person reads before releasing it (``describe``).
 
 Which Blender: the ``blender`` param, else the add-on preference (set through
 ``set_default_blender``), else ``$BLENDER_TASKQUEUE_BLENDER``, else the Blender
@@ -133,6 +143,14 @@ class BlenderRender(BaseModel):
     )
     blend_is_copy: bool = Field(
         False, description="blend_file is a copy made for this job: delete it once every frame is written"
+    )
+    trusted: bool = Field(
+        False,
+        description=(
+            "the file may run its own Python scripts (drivers, registered text blocks); "
+            "only the Blender layer sets it, for a file Blender itself trusts. False (the "
+            "default) starts the child with --disable-autoexec"
+        ),
     )
 
     @field_validator("blend_file")
@@ -285,22 +303,32 @@ def stop_leftover(ctx: JobContext, child: Optional[dict]) -> None:
     The child watches its parent and exits when it dies, but only between frames
     if Blender holds Python's lock while it renders: after a crash, the old render
     may still be finishing a frame when the job resumes. The checkpoint names it by
-    pid and start time, so a reused pid is never touched.
+    pid and start time, so a reused pid is never touched, and by the environment
+    marker its processes carry, which finds those that left its tree too.
     """
-    if not child or not child.get("pid"):
+    if not isinstance(child, dict):
         return
+    procs: dict[int, psutil.Process] = {}
+    marker = child.get("marker")
+    if isinstance(marker, str) and marker:
+        procs.update((p.pid, p) for p in process.marked_processes(marker))
+    proc: Optional[psutil.Process] = None
     try:
-        proc = psutil.Process(int(child["pid"]))
-        if abs(proc.create_time() - float(child.get("started", 0))) > 0.01:
-            return  # the pid was reused by some other process
-    except (psutil.Error, ValueError, TypeError):
-        return
-    ctx.log.warning("stopping the background Blender left by the interrupted run", pid=proc.pid)
-    procs = {p.pid: p for p in [proc, *process.group_members(proc.pid)]}
-    try:
-        procs.update((p.pid, p) for p in proc.children(recursive=True))
-    except psutil.Error:
+        found = psutil.Process(int(child["pid"]))
+        if abs(found.create_time() - float(child.get("started", 0))) <= 0.01:
+            proc = found  # else the pid was reused by some other process
+    except (psutil.Error, ValueError, TypeError, KeyError):
         pass
+    if proc is not None:
+        procs.update((p.pid, p) for p in [proc, *process.group_members(proc.pid)])
+        try:
+            procs.update((p.pid, p) for p in proc.children(recursive=True))
+        except psutil.Error:
+            pass
+    if not procs:
+        return
+    ctx.log.warning("stopping the background Blender left by the interrupted run",
+                    pids=sorted(procs))
     process.stop_processes(list(procs.values()), grace_s=2.0)
 
 
@@ -324,21 +352,27 @@ def driver_args(params: BlenderRender, output_dir: Path, since: Optional[float],
         "overwrite": params.overwrite,
         "since": since,
         "relative_base": params.relative_base,
+        "trusted": params.trusted,
     }
 
 
 def command(executable: str, params: BlenderRender, args_file: Path) -> list[str]:
-    """The child's argv: ``blender -b file --python driver -- args.json``, or, for a
-    Python with the bpy module, ``python driver -- args.json`` (the driver opens the
-    file). The arguments go in a file: a resumed range lists every frame it keeps,
-    more than one argument may hold (128 KiB on Linux, 32 KiB a command on Windows)."""
+    """The child's argv: ``blender -b [--disable-autoexec] file --python driver --
+    args.json``, or, for a Python with the bpy module, ``python driver -- args.json``
+    (the driver opens the file, with scripts off unless ``trusted``). The arguments
+    go in a file: a resumed range lists every frame it keeps, more than one argument
+    may hold (128 KiB on Linux, 32 KiB a command on Windows). ``--disable-autoexec``
+    comes before the file, as Blender applies its options in order; our own
+    ``--python`` driver runs either way."""
     payload = str(args_file)
     if is_python(executable):
         return [executable, str(DRIVER), "--", payload]
     argv = [executable, "-b"]
     if params.factory_startup:
         argv.append("--factory-startup")
-    return argv + [params.blend_file, "--python", str(DRIVER), "--", payload]
+    if params.trusted is not True:
+        argv.append("--disable-autoexec")
+    return argv + [str(params.blend_file), "--python", str(DRIVER), "--", payload]
 
 
 def render(ctx: JobContext, params: BlenderRender) -> dict:
@@ -358,6 +392,7 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
     since = resume["since"] if resuming else time.time()
     kept = [f for f in resume.get("files", []) if isinstance(f, str)]
     child: dict[str, Any] = {}
+    marker = process.new_marker(ctx.job_id)  # in the checkpoint, for stop_leftover
 
     def save(files: list[str]) -> None:
         ctx.checkpoint({"since": since, "output_dir": str(output_dir), "blender": executable,
@@ -371,18 +406,19 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
 
     def publish(output: process._Output) -> None:
         fraction, stage, message, done = state.view()
+        warning = f" (WARNING: {'; '.join(output.warnings)})" if output.warnings else ""
         if stage is None:
             _, _, line = output.snapshot()
-            ctx.progress(None, message=line)
+            ctx.progress(None, message=f"{line or ''}{warning}".strip() or None)
             return
-        ctx.progress(fraction, stage=stage, message=message)
+        ctx.progress(fraction, stage=stage, message=f"{message}{warning}")
         if done != written[0]:
             written[0] = done
             save(state.files())
 
     def started(pid: int) -> None:
         try:
-            child.update(pid=pid, started=psutil.Process(pid).create_time())
+            child.update(pid=pid, started=psutil.Process(pid).create_time(), marker=marker)
         except psutil.Error:
             return
         save(kept)
@@ -395,27 +431,29 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
         ctx, command(executable, params, args_file), executable=executable,
         cwd=str(Path(params.blend_file).parent), env={CHILD_ENV: "1"},
         timeout_s=params.timeout_s, grace_s=params.grace_s,
-        on_line=state.on_line, publish=publish, on_start=started,
+        on_line=state.on_line, publish=publish, on_start=started, marker=marker,
     )
     files = state.files()
     child.clear()
     save(files)
     where = f"{len(files)} of {state.total or '?'} frames written to {output_dir}"
+    log = f"{done.log_path}{done.output.log_note()}"
     if done.stop == "cancel":
         raise JobCancelled(f"render cancelled; {where}")
     if done.stop == "timeout":
         raise process.ProcessTimeout(
-            f"render timed out after {params.timeout_s:g} s (timeout_s); {where}. Log: {done.log_path}"
+            f"render timed out after {params.timeout_s:g} s (timeout_s); {where}. Log: {log}"
         )
     if state.error is not None:
-        raise RenderFailed(f"{state.error}\n{where}. Log: {done.log_path}")
+        raise RenderFailed(f"{state.error}\n{where}. Log: {log}")
     if done.code != 0 or len(files) != state.total or not state.total:
         tail = "\n".join(list(done.output.tail)[-process.ERROR_TAIL_LINES:])
         how = f"exited with code {done.code}" if done.code else "exited early"
         raise RenderFailed(
-            f"the background Blender {how}; {where}.\nLast output:\n{tail}\nLog: {done.log_path}"
+            f"the background Blender {how}; {where}.\nLast output:\n{tail}\nLog: {log}"
         )
-    ctx.progress(1.0, stage=f"frame {state.total}/{state.total}", message=where)
+    warning = f" (WARNING: {'; '.join(done.warnings)})" if done.warnings else ""
+    ctx.progress(1.0, stage=f"frame {state.total}/{state.total}", message=where + warning)
     if params.blend_is_copy:
         # A copy made for this job alone: kept while the job can still fail and be
         # retried or resumed, removed once it is complete.
@@ -423,7 +461,7 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
             os.unlink(params.blend_file)
         except OSError as exc:
             ctx.log.warning("could not remove the rendered copy", path=params.blend_file, error=str(exc))
-    return {
+    result: dict[str, Any] = {
         "files": files,
         "frames": state.frames,
         "rendered": list(state.rendered),
@@ -435,6 +473,134 @@ def render(ctx: JobContext, params: BlenderRender) -> dict:
         "log": str(done.log_path),
         "duration_s": round(done.duration_s, 3),
     }
+    if done.warnings:
+        result["warnings"] = done.warnings
+    if done.output.log_error is not None:
+        result["log_error"] = done.output.log_error
+    return result
+
+
+_EXTENSIONS = {
+    "PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "OPEN_EXR": ".exr",
+    "OPEN_EXR_MULTILAYER": ".exr", "WEBP": ".webp", "TARGA": ".tga",
+}
+
+
+def _blender_source(explicit: Any) -> str:
+    """Which of ``find_blender``'s choices applies (the same order)."""
+    if explicit:
+        return "named by the job's own 'blender' param"
+    if _default_blender:
+        return "the add-on preference"
+    if os.environ.get(BLENDER_ENV):
+        return f"${BLENDER_ENV}"
+    if sys.modules.get("bpy") is not None:
+        return "the Blender this runs in"
+    return "'blender' on Blender's PATH"
+
+
+def _frames_text(p: dict) -> str:
+    def num(name: str) -> Optional[str]:
+        value = p.get(name)
+        return None if value is None else process.show(value)
+
+    if p.get("frame") is not None:
+        return f"frame {num('frame')}"
+    start, end = num("frame_start") or "the scene's first", num("frame_end") or "the scene's last"
+    step = num("frame_step") or "the scene's"
+    return f"frames {start} to {end}, step {step}"
+
+
+def _output_text(p: dict) -> str:
+    out = p.get("output_dir")
+    prefix = p.get("file_prefix", "frame_")
+    fmt = p.get("format", "PNG")
+    ext = _EXTENSIONS.get(fmt, "") if isinstance(fmt, str) else ""
+    ext_text = ext or (" (the scene's file type)" if fmt is None else f" ({process.show(fmt)})")
+    if out is None:
+        folder = "<the job's own folder>/frames"
+    elif isinstance(out, str) and out.startswith("//"):
+        base = p.get("relative_base")
+        if not isinstance(base, str):
+            blend = p.get("blend_file")
+            base = str(Path(blend).parent) if isinstance(blend, str) else "<the .blend's folder>"
+        folder = os.path.join(base, out[2:])
+    else:
+        folder = process.show(out) if not isinstance(out, str) else os.path.expanduser(out)
+    name = f"{prefix}####" if isinstance(prefix, str) else f"{process.show(prefix)}####"
+    return f"writes the frames to {os.path.join(folder, name)}{ext_text} (#### = the frame number)"
+
+
+def describe(params: dict) -> list[str]:
+    """What a ``blender.render`` job with these (JSON) params will do, in full: the
+    program (resolved now, as the job would), every argument, the .blend it opens,
+    whether the file's own scripts may run, where the frames go, the folder and the
+    environment, the timeout. Never raises, whatever the params (a hostile file's
+    may not even validate: that is said first)."""
+    p = params if isinstance(params, dict) else {}
+    lines: list[str] = []
+    problem = process.validation_problem(BlenderRender, p)
+    if problem is not None:
+        lines.append(f"WARNING: these params do not validate, the job would fail: {problem}")
+    explicit = p.get("blender")
+    if explicit is not None:
+        lines.append(
+            f"WARNING: the job names the program to run itself (blender = {process.show(explicit)}): "
+            "whatever that program is, it runs with the arguments below"
+        )
+    executable: Optional[str] = None
+    try:
+        executable = find_blender(explicit if isinstance(explicit, str) else None)
+    except (ValueError, OSError) as exc:
+        lines.append(f"runs Blender: none can be found now ({exc})")
+    python = executable is not None and is_python(executable)
+    if executable is not None:
+        what = "a Python with the bpy module" if python else "Blender"
+        lines.append(f"runs {what}: {executable} ({_blender_source(explicit)})")
+    blend = p.get("blend_file")
+    trusted = p.get("trusted") is True
+    model = BlenderRender.model_construct(
+        blend_file=blend if isinstance(blend, str) else process.show(blend),
+        factory_startup=p.get("factory_startup") is True, trusted=trusted,
+    )
+    argv = command(executable or "<blender>", model, Path("<the job's own folder>") / "render-args.json")
+    lines.append(f"with {len(argv)} arguments (argv, in full):")
+    lines += [f"  argv[{i}] = {process.show(arg)}" for i, arg in enumerate(argv)]
+    lines.append(f"opens the .blend {process.show(blend)}")
+    if trusted:
+        lines.append(
+            "WARNING: trusted = true: the file's own Python scripts (drivers, text blocks that "
+            "register) may run, as far as the child Blender's Auto Run preference allows"
+        )
+    else:
+        how = "use_scripts=False" if python else "--disable-autoexec"
+        lines.append(f"the file's own Python scripts do not run (autoexec disabled: {how})")
+    lines.append(_output_text(p))
+    lines.append(_frames_text(p))
+    lines.append("overwrites frame files already there" if p.get("overwrite", True) is not False
+                 else "keeps frame files already there")
+    settings = [f"{name} = {process.show(p[name])}"
+                for name in ("scene", "engine", "format", "samples", "resolution_percentage")
+                if p.get(name) is not None]
+    if settings:
+        lines.append("render settings: " + ", ".join(settings))
+    lines.append("compositor File Output nodes in the file write where the file says"
+                 + (f" ('//' there meaning {process.show(p.get('relative_base'))})"
+                    if p.get("relative_base") is not None else ""))
+    if p.get("blend_is_copy") is True:
+        lines.append(f"WARNING: DELETES {process.show(blend)} once every frame is written "
+                     "(blend_is_copy = true)")
+    folder = str(Path(blend).parent) if isinstance(blend, str) else "<the .blend's folder>"
+    lines.append(f"in the folder {folder}")
+    lines += process.describe_env({CHILD_ENV: "1"})
+    lines.append(f"writes {process.LOG_NAME} and render-args.json in the job's own folder")
+    timeout = p.get("timeout_s")
+    lines.append("no timeout of its own: runs until it is done or cancelled" if timeout is None
+                 else f"stopped after {process.seconds(timeout)} s (timeout_s), with everything it started")
+    known = set(BlenderRender.model_fields)
+    for name in sorted(str(k) for k in p if k not in known):
+        lines.append(f"unknown param {name} = {process.show(p.get(name))}")
+    return lines
 
 
 # One spec for the shared registry (importing this module registers the kind there)
@@ -445,6 +611,7 @@ SPEC = KindSpec(
     params=BlenderRender,
     resumable=True, out_of_process=True,
     description=(render.__doc__ or "").strip().splitlines()[0],
+    describe=describe,
 )
 shared_registry.register(SPEC)
 
