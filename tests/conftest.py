@@ -33,6 +33,7 @@ def make_engine(tmp_path, registry) -> Callable[..., Engine]:
         *,
         start: bool = True,
         clock: Any = None,
+        wall_clock: Any = None,
         memory_probe: Any = None,
         sidecar_writer: Any = None,
         **config: Any,
@@ -42,6 +43,8 @@ def make_engine(tmp_path, registry) -> Callable[..., Engine]:
         kwargs: dict[str, Any] = {"registry": registry}
         if clock is not None:
             kwargs["clock"] = clock
+        if wall_clock is not None:
+            kwargs["wall_clock"] = wall_clock
         if memory_probe is not None:
             kwargs["memory_probe"] = memory_probe
         if sidecar_writer is not None:

@@ -55,6 +55,7 @@ from .errors import JobCancelled, TaskQueueError
 from .executor import Outcome
 from .kinds import KindSpec
 from .record import JobRecord
+from .results import resolve_inputs
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -90,9 +91,10 @@ class RemoteContext:
     ``distributed.Event``."""
 
     def __init__(self, key: str, job_id: str, kind: str, attempt: int, params: Any,
-                 resume_from: Optional[dict]) -> None:
+                 resume_from: Optional[dict], inputs: Optional[dict] = None) -> None:
         from distributed import Event, get_worker
 
+        self.inputs: dict = inputs if inputs is not None else {}
         self.job_id = job_id
         self.kind = kind
         self.attempt = attempt
@@ -185,7 +187,7 @@ class RemoteContext:
 
 
 def run_remote(kind: str, params: dict, job_id: str, attempt: int, resume_from: Optional[dict],
-               key: str, modules: tuple = ()) -> Any:
+               key: str, modules: tuple = (), inputs: Optional[dict] = None) -> Any:
     """The task a cluster worker runs: look the kind up by name (importing the
     built-in kinds and ``modules``), validate the JSON params, run the handler."""
     import importlib
@@ -209,7 +211,7 @@ def run_remote(kind: str, params: dict, job_id: str, attempt: int, resume_from: 
     from .kinds import registry
 
     spec = registry.get(kind)
-    ctx = RemoteContext(key, job_id, kind, attempt, None, resume_from)
+    ctx = RemoteContext(key, job_id, kind, attempt, None, resume_from, inputs)
     try:
         handler_params = spec.handler_params(spec.validate_params(params))
         ctx.params = handler_params
@@ -332,6 +334,7 @@ class ClusterExecutor:
                 future = client.submit(
                     run_remote, job.kind, dict(job.params), job.id, job.attempt,
                     resume_from if spec.resumable else None, key, self._modules,
+                    resolve_inputs(job, self._engine.workdir_for) if job.inputs else None,
                     key=key, pure=False, priority=dask_priority(job.priority), retries=0,
                 )
                 client.publish_dataset(future, name=key, override=True)

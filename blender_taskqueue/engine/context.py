@@ -30,7 +30,7 @@ class JobContext:
     """Handed to every handler as its first argument."""
 
     __slots__ = ("_engine", "_job", "job_id", "kind", "attempt", "params", "resume_from", "_log", "_workdir",
-                 "slot")
+                 "slot", "inputs")
 
     def __init__(
         self,
@@ -38,6 +38,7 @@ class JobContext:
         job: "JobRecord",
         params: Any,
         resume_from: Optional[dict],
+        inputs: Optional[dict] = None,
     ) -> None:
         self._engine = engine
         self._job = job
@@ -49,6 +50,9 @@ class JobContext:
         # The resource the engine chose for this run (a server URL), for kinds that
         # declare ``KindSpec.slots``; None otherwise.
         self.slot: Optional[str] = job.slot
+        # The results of the jobs this one depends on (``submit(depends_on=...)``),
+        # keyed by their ids in the order given; {} for a job without prerequisites.
+        self.inputs: dict[str, Any] = inputs if inputs is not None else {}
         self._log: Any = None
         self._workdir: Optional[Path] = None
 

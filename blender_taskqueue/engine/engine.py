@@ -7,7 +7,8 @@ rooms that hold the other concerns, each with a small interface:
 
   submission.py  argument checks and the record a submission becomes
   admission.py   per-kind capacity and memory: may the next job start?
-  timers.py      retry backoffs and timeouts that fall due
+  timers.py      retry backoffs, timeouts and start times that fall due
+  dependencies.py  who waits on whom (pipelines), and the rules of new edges
   workers.py     worker threads, the watchdog thread, the polite worker lock
   executor.py    where a claimed job's work runs (local thread; a cluster later)
   history.py     finished jobs kept, evicted ids, counts, throughput
@@ -40,6 +41,7 @@ from . import kinds as _kinds
 from .admission import Admission
 from .callbacks import Callbacks
 from .context import JobContext
+from .dependencies import Dependencies, plan_links, stuck
 from .errors import (
     EngineClosed,
     InvalidParams,
@@ -57,6 +59,7 @@ from .history import History
 from .kinds import KindRegistry, KindSpec
 from .logs import EngineLog
 from .models import (
+    DEPENDENCY_FAILED,
     MOVE_WHERE,
     Recovery,
     EngineConfig,
@@ -74,7 +77,17 @@ from .resources import MemoryProbe
 from .results import ResultLoader
 from .scheduler import Scheduler
 from .store import Owner, _capture, check_document, is_result_file, SnapshotStore
-from .submission import PYTHON_CALL, IdList, build_record, first_line, id_list, spec_arguments
+from .submission import (
+    BATCH_REF,
+    PYTHON_CALL,
+    IdList,
+    build_record,
+    dependency_refs,
+    first_line,
+    id_list,
+    pipeline_specs,
+    spec_arguments,
+)
 from .timers import Timers
 from .workers import WorkerLock, WorkerPool
 
@@ -106,6 +119,18 @@ def _on_cluster(job: JobRecord) -> bool:
     """The job's current attempt runs on a dask cluster (it re-attaches after a restart)."""
     checkpoint = job.checkpoint
     return isinstance(checkpoint, dict) and checkpoint.get(REMOTE_KEY) == dask_key(job.id, job.attempt)
+
+def _rename_edges(job: JobRecord, source: str, renamed: dict[tuple[str, str], str]) -> None:
+    """An adopted job's edges follow the ids its document's jobs got here (``id~2``)."""
+    def new(pid: str) -> str:
+        return renamed.get((source, pid), pid)
+
+    job.depends_on = tuple(new(p) for p in job.depends_on)
+    if job.waiting:
+        job.waiting = {new(p): None for p in job.waiting}
+    if job.inputs:
+        job.inputs = {new(p): v for p, v in job.inputs.items()}
+
 
 class Engine:
     """Runs jobs of registered kinds on worker threads. See ``EngineConfig`` for limits.
@@ -145,6 +170,8 @@ class Engine:
         self._history = History()
         self._admission = Admission(lambda: self._config, self._spec_or_none, self._memory)
         self._timers = Timers()
+        self._deps = Dependencies()
+        self._cascaded: list[JobInfo] = []  # dependents failed with a prerequisite, to announce
         self._local_executor: Executor = LocalExecutor(self)
         self._cluster: Optional[Any] = None  # a ClusterExecutor while config.cluster is set
         self._cluster_for: Optional[tuple] = None
@@ -217,6 +244,7 @@ class Engine:
             self._pool.grow_locked(self._config.max_workers)
             self._pool.start_watchdog_locked()
             self._work_cv.notify_all()
+        self._announce(None)
         self.logger.info("engine started", max_workers=self._config.max_workers)
         return self
 
@@ -278,8 +306,8 @@ class Engine:
         # past the deadline (plus a moment for the idle ones).
         stuck_workers = self._pool.join(workers, max(deadline, time.monotonic()) + 0.2)
         for info in stuck:
-            self._log_finished(info)
-            self._callbacks.fire_here(info)
+            self._announce(info)
+        self._announce(None)
         if self._cluster is not None:
             self._cluster.close()
         self._results.stop(1.0)
@@ -304,6 +332,8 @@ class Engine:
         max_retries: int = 0,
         memory_mb: Optional[int] = None,
         held: bool = False,
+        depends_on: IdList = None,
+        not_before: Any = None,
     ) -> str:
         """Queue a job and return its id at once.
 
@@ -316,41 +346,93 @@ class Engine:
             max_retries: extra tries after a failure, with 1 s, 2 s, 4 s ... backoff.
             memory_mb: memory the job needs; dispatch waits until it is free.
             held: queue it but wait for ``release()`` before it runs.
+            depends_on: job ids (or one id) that must all complete first; the job
+                waits queued, and its handler gets their results in ``ctx.inputs``.
+                If one fails, is cancelled or interrupted, this job ends ``failed``
+                with a ``DependencyFailed`` error naming it.
+            not_before: a ``datetime`` (naive: local time) or seconds from now; the
+                job waits until then (wall clock, so it survives a restart).
 
         Raises:
-            UnknownKind, InvalidParams, ValueError, TypeError: bad input; nothing queued.
+            UnknownKind, InvalidParams, ValueError, TypeError: bad input (an unknown
+                or failed prerequisite among them); nothing queued.
             QueueFull: ``max_queued`` jobs are already queued.
             EngineClosed: the engine was shut down.
         """
         if kind == PYTHON_CALL:
             raise InvalidParams("python.call jobs are made with run(fn, *args), not submit()")
-        job = self._build(kind, params, priority, label, timeout, max_retries, memory_mb, held)
+        refs = dependency_refs(depends_on, batch=False)
+        job = self._build(kind, params, priority, label, timeout, max_retries, memory_mb, held, not_before)
         with self._lock:
             self._check_accepting_locked()
             self._check_capacity_locked(1)
+            if refs:
+                self._link_locked([job], [refs], {})
             self._enqueue_locked(job)
         return job.id
 
     def submit_many(self, specs: list[dict]) -> list[str]:
-        """Queue several jobs, all or nothing. Each dict holds submit's arguments by name.
+        """Queue several jobs, all or nothing. Each dict holds submit's arguments by
+        name, plus an optional ``name``: another spec's ``depends_on`` may refer to it
+        as ``"@name"``, so a whole pipeline is queued at once.
 
         Raises:
-            The errors of ``submit``, naming the spec's index; nothing is queued.
+            The errors of ``submit``, naming the spec's index (a cycle or an unknown
+            ``@name`` among them); nothing is queued.
         """
         if not isinstance(specs, (list, tuple)):
             raise TypeError(f"submit_many takes a list of dicts, got {type(specs).__name__}")
-        built = []
+        built: list[JobRecord] = []
+        refs: list[tuple[str, ...]] = []
+        names: dict[str, int] = {}
         for i, spec in enumerate(specs):
             try:
-                built.append(self._build(*spec_arguments(spec)))
+                args, name, deps = spec_arguments(spec)
+                if name is not None and name in names:
+                    raise InvalidParams(f"name {name!r} is already used by specs[{names[name]}]")
+                built.append(self._build(*args))
             except Exception as exc:
                 raise type(exc)(f"specs[{i}]: {exc}") from None
+            if name is not None:
+                names[name] = i
+            refs.append(deps)
         with self._lock:
             self._check_accepting_locked()
             self._check_capacity_locked(len(built))
+            if any(refs):
+                self._link_locked(built, refs, names)
             for job in built:
                 self._enqueue_locked(job)
         return [job.id for job in built]
+
+    def pipeline(self, steps: list, **options: Any) -> list[str]:
+        """Queue ``steps`` as a chain, all or nothing: each step runs after the one
+        before it completed and gets its result in ``ctx.inputs``. A step is a kind
+        name, ``(kind, params)``, ``(kind, params, {submit options})`` or a
+        ``submit_many`` spec (whose ``depends_on`` may add ``"@name"`` references
+        to earlier steps, named ``step-0``, ``step-1``, ... unless they say).
+        ``options`` (priority, label, held, ``depends_on`` for the first step, ...)
+        apply to every step. Returns the ids in order.
+        """
+        return self.submit_many(pipeline_specs(steps, dict(options)))
+
+    def _link_locked(
+        self,
+        jobs: list[JobRecord],
+        refs: list[tuple[str, ...]],
+        names: dict[str, int],
+        prior: Optional[list[Optional[dict]]] = None,
+    ) -> None:
+        """Give ``jobs`` (about to be queued) their edges, or raise naming the problem."""
+        batch = len(jobs) > 1 or bool(names)
+        links = plan_links(
+            jobs, refs, names, self._jobs.get, self._history.was_evicted,
+            prior=prior, where=(lambda i: f"specs[{i}]: ") if batch else (lambda i: ""),
+        )
+        for job, link in zip(jobs, links):
+            job.depends_on = link.depends_on
+            job.waiting = link.waiting or None
+            job.inputs = link.inputs or None
 
     def run(
         self,
@@ -389,6 +471,7 @@ class Engine:
         max_retries: Any,
         memory_mb: Any,
         held: Any,
+        not_before: Any = None,
     ) -> JobRecord:
         if not isinstance(kind, str):
             raise TypeError(f"kind must be a kind name (str), got {kind!r}")
@@ -404,6 +487,7 @@ class Engine:
             max_retries,
             memory_mb,
             held,
+            not_before,
             max_memory_mb=self._config.max_memory_mb,
         )
         never = self._admission.never_fits(job.memory_mb, not spec.out_of_process)
@@ -432,12 +516,24 @@ class Engine:
         self._jobs[job.id] = job
         self._events.state(job)  # submitted
         job.state = _S.QUEUED
+        self._schedule_waits_locked(job)
         self._scheduler.add(job)
         self._events.state(job)
         self.order_version += 1
         self._changed_locked(job, urgent=True)
         if job.ready and self._pool.idle:
             self._work_cv.notify()
+
+    def _schedule_waits_locked(self, job: JobRecord) -> None:
+        """Before a job enters the queue: index its unmet edges, set its start time,
+        and decide whether it is ready."""
+        at = job.not_before
+        if at is not None and at > self._wall() and not job.time_pending:
+            self._timers.add_wake(job, at)
+            self._timer_cv.notify()
+        if job.waiting:
+            self._deps.add(job)
+        job.ready = job.may_run()
 
     # ------------------------------------------------------------------ queries
 
@@ -506,9 +602,11 @@ class Engine:
 
     # ------------------------------------------------------------------ steering
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, *, with_dependents: bool = False) -> bool:
         """Cancel a job. Queued: cancelled at once. Running: asked to stop; it ends
         ``cancelled`` when its handler returns (a result it still returns is discarded).
+        The queued jobs that depend on it end ``failed`` (``DependencyFailed``) once it
+        has ended; with ``with_dependents`` they are cancelled at once instead.
 
         Returns:
             True if the job was cancelled or asked to stop, False if it had already finished.
@@ -520,21 +618,57 @@ class Engine:
             job = self._get_locked(job_id)
             if job.state.is_terminal:
                 return False
+            infos = []
+            if with_dependents:
+                now_wall = self._wall()
+                for dep, _ in self._deps.take_closure(job.id):
+                    self._unqueue_locked(dep)
+                    dep.message = f"cancelled with job {job.id} ({job.label}), which it depends on"
+                    infos.append(self._terminal_locked(dep, _S.CANCELLED, now_wall))
             if job.in_queue:
                 self._unqueue_locked(job)
                 job.message = "cancelled before it ran"
-                info = self._terminal_locked(job, _S.CANCELLED, self._wall())
-            else:
-                if job.cancel_reason != "user":
-                    self._request_stop_locked(job, "user")
-                return True
-        self._log_finished(info)
-        self._callbacks.fire_here(info)
+                infos.append(self._terminal_locked(job, _S.CANCELLED, self._wall()))
+            elif job.cancel_reason != "user":
+                self._request_stop_locked(job, "user")
+        for info in infos:
+            self._announce(info)
+        self._announce(None)
         return True
+
+    def dependents(self, job_id: str, *, failed_with: bool = False) -> list[str]:
+        """Ids of the queued jobs that wait on ``job_id``, directly or through others
+        (those a cancel of it would end), in queue order; with ``failed_with``, the
+        finished jobs that failed because it did not complete (those
+        ``retry(job_id, with_dependents=True)`` queues again).
+
+        Raises:
+            KeyError (``JobNotFound``): unknown id.
+        """
+        with self._lock:
+            self._get_locked(job_id)
+            if failed_with:
+                return [j.id for j in self._failed_with_locked(job_id)]
+            found = self._deps.closure(job_id)
+            return [j.id for j in self._scheduler if j.id in found]
+
+    def _announce(self, info: Optional[JobInfo]) -> None:
+        """Log a finished job and run its worker-thread callbacks, then those of the
+        dependents that failed with it; called with the lock released."""
+        if info is not None:
+            self._log_finished(info)
+            self._callbacks.fire_here(info)
+        if self._cascaded:
+            with self._lock:
+                cascaded, self._cascaded = self._cascaded, []
+            for other in cascaded:
+                self._log_finished(other)
+                self._callbacks.fire_here(other)
 
     def _unqueue_locked(self, job: JobRecord) -> None:
         self._scheduler.remove(job)
-        job.not_before = None
+        job.backoff_until = None
+        self._timers.drop_wake(job)
         if self._admission.blocked is job:
             self._admission.blocked = None  # the jobs behind it may fit
             self._work_cv.notify_all()
@@ -548,12 +682,17 @@ class Engine:
         self._events.progress(job)
         self._changed_locked(job, urgent=False)
 
-    def retry(self, job_id: str, params: Optional[dict] = None) -> str:
+    def retry(self, job_id: str, params: Optional[dict] = None, *, with_dependents: bool = False) -> str:
         """Queue a new job from a finished one; ``params`` (a dict) overrides some of its params.
+        The new job keeps the old one's ``depends_on`` (results already passed along
+        are kept). With ``with_dependents``, the jobs that failed because this one did
+        not complete (``DependencyFailed``, directly or through others) are queued
+        again too, now waiting on the new job, all or nothing.
 
         Raises:
             InvalidStateError: the job has not finished, or is an ad-hoc call whose callable is gone.
-            InvalidParams: the changed params do not validate.
+            InvalidParams: the changed params do not validate, or a prerequisite of it
+                has itself ended without completing (retry that one first).
         """
         if params is not None and not isinstance(params, dict):
             raise InvalidParams(f"retry params must be a dict of changes, got {type(params).__name__}")
@@ -564,26 +703,48 @@ class Engine:
                     f"job {job_id!r} is {old.state.value}: only finished jobs "
                     "(completed, failed, cancelled, interrupted) can be retried"
                 )
-            kind, label, callable_ = old.kind, old.label, old.callable
             merged = {**old.params, **(params or {})}
-            options = (old.priority, old.timeout, old.max_retries, old.memory_mb)
-        if kind == PYTHON_CALL:
-            if callable_ is None:
+            chain = [old] + (self._failed_with_locked(old.id) if with_dependents else [])
+            copies = [(j.id, j.kind, j.label, j.callable, j.priority, j.timeout, j.max_retries,
+                       j.memory_mb, j.depends_on, dict(j.inputs or {})) for j in chain]
+        if old.kind == PYTHON_CALL:
+            if old.callable is None:
                 raise InvalidStateError(
                     f"job {job_id!r} ran an ad-hoc callable from an earlier session; "
                     "it cannot be retried, run it again with run()"
                 )
             if params:
                 raise InvalidParams("python.call jobs take no changed params; use run() with new arguments")
-        priority, timeout, max_retries, memory_mb = options
-        job = self._build(kind, merged, priority, label, timeout, max_retries, memory_mb, False)
-        job.callable = callable_
+        index = {c[0]: str(i) for i, c in enumerate(copies)}
+        built: list[JobRecord] = []
+        refs: list[tuple[str, ...]] = []
+        prior: list[Optional[dict]] = []
+        for i, (oid, kind, label, callable_, priority, timeout, max_retries, memory_mb, deps,
+                inputs) in enumerate(copies):
+            job = self._build(kind, merged if i == 0 else dict(chain[i].params), priority, label,
+                              timeout, max_retries, memory_mb, False)
+            job.callable = callable_
+            built.append(job)
+            refs.append(tuple(BATCH_REF + index[p] if p in index else p for p in deps))
+            prior.append({p: v for p, v in inputs.items() if p not in index})
         with self._lock:
             self._check_accepting_locked()
-            self._check_capacity_locked(1)
-            self._enqueue_locked(job)
-        self.logger.info("job retried", job_id=job.id, kind=kind, retry_of=job_id)
-        return job.id
+            self._check_capacity_locked(len(built))
+            if any(refs):
+                self._link_locked(built, refs, {v: int(v) for v in index.values()}, prior)
+            for job in built:
+                self._enqueue_locked(job)
+        for job, copy in zip(built, copies):
+            self.logger.info("job retried", job_id=job.id, kind=job.kind, retry_of=copy[0])
+        return built[0].id
+
+    def _failed_with_locked(self, job_id: str) -> list[JobRecord]:
+        """Finished jobs that failed because ``job_id`` did not complete, oldest first."""
+        found = [j for i in self._history.newest_first()
+                 if (j := self._jobs.get(i)) is not None and j.state is _S.FAILED
+                 and j.root_cause is not None and j.root_cause[0] == job_id]
+        found.sort(key=lambda j: (j.created_at, j.key[1] if j.key else 0))
+        return found
 
     def move(self, job_id: str, where: str) -> bool:
         """Reorder a queued job within its priority band: "top" | "up" | "down" | "bottom".
@@ -632,7 +793,7 @@ class Engine:
                 if not job.held or self._spec_or_none(job.kind) is None:
                     continue
                 job.held = False
-                if job.not_before is None:
+                if job.may_run():
                     self._scheduler.set_ready(job, True)
                 if job.message and job.message.startswith("held"):
                     job.message = None
@@ -862,9 +1023,15 @@ class Engine:
         counts: collections.Counter[str] = collections.Counter()
         queued: list[JobRecord] = []
         finished: list[JobRecord] = []
+        renamed: dict[tuple[str, str], str] = {}
+        sources: dict[int, str] = {}
         for source, job in best_copies(documents, problems, counts):
+            original = job.id
             if not self._make_room_for_locked(job, counts):
                 continue
+            if job.id != original:
+                renamed[(source, original)] = job.id
+            sources[id(job)] = source
             job.recovered_from = source
             counted = revive(
                 job,
@@ -885,8 +1052,13 @@ class Engine:
             for _, data in documents:
                 if data.get("_refused") and data.get("_claimed") is not None:
                     self._store.quarantine(data["_claimed"])
+        if renamed:
+            for job in queued + finished:
+                _rename_edges(job, sources[id(job)], renamed)
         queued.sort(key=lambda j: (j.priority, j.key[1] if j.key else 0))
+        broken = self._adopt_edges_locked(queued)
         for job in queued:
+            self._schedule_waits_locked(job)
             self._scheduler.add(job)
         if finished:
             finished.sort(key=lambda j: j.finished_at or 0.0)
@@ -897,6 +1069,11 @@ class Engine:
         for job in queued + finished:
             self._events.state(job)
             self._changed_locked(job, urgent=True)
+        now_wall = self._wall()
+        for job, root, message in broken:
+            if job.in_queue:  # not already failed with another
+                self._fail_dependent_locked(job, root, message, now_wall)
+                problems.append(f"{job.label} ({job.id}) failed: {message}"[:400])
         self._evict_locked()
         if queued:
             self._work_cv.notify_all()
@@ -918,6 +1095,49 @@ class Engine:
         level = "warning" if problems or counts["interrupted"] else "info"
         self._events.notice(recovery.summary, level=level)
         return recovery
+
+    def _adopt_edges_locked(self, queued: list[JobRecord]) -> list[tuple[JobRecord, tuple[str, str], str]]:
+        """Settle the unmet edges of adopted queued jobs against what is known now:
+        a prerequisite that completed passes its result along; one that ended
+        otherwise, is unknown, or lies in a cycle makes the job fail (returned, to be
+        failed once everything is queued)."""
+        broken: list[tuple[JobRecord, tuple[str, str], str]] = []
+        for job in queued:
+            waiting = job.waiting
+            if not waiting:
+                job.waiting = None
+                continue
+            for pid in list(waiting):
+                pre = self._jobs.get(pid)
+                if pre is None:
+                    broken.append((job, (pid, "missing"), f"prerequisite job {pid} is not in this "
+                                   "queue (it was not saved with it), so this job cannot run"))
+                    break
+                if pre.state is _S.COMPLETED:
+                    del waiting[pid]
+                    if job.inputs is None:
+                        job.inputs = {}
+                    job.inputs[pid] = pre.result
+                elif pre.state.is_terminal:
+                    root = pre.root_cause or (pid, pre.state.value)
+                    broken.append((job, root, f"prerequisite job {pid} ({pre.label}) ended "
+                                   f"{pre.state.value}, so this job did not run"))
+                    break
+            if not waiting:
+                job.waiting = None
+        for job in stuck(queued):
+            broken.append((job, (job.id, "cycle"), "its prerequisites wait on each other "
+                           "(a dependency cycle in the adopted queue), so it can never run"))
+        return broken
+
+    def _fail_dependent_locked(self, dep: JobRecord, root: tuple[str, str], message: str,
+                               now_wall: float) -> None:
+        """End a queued job ``failed`` because a prerequisite did not complete."""
+        self._unqueue_locked(dep)
+        dep.root_cause = root
+        dep.errors = dep.errors + (JobError(DEPENDENCY_FAILED, message, "", "waiting", dep.attempt),)
+        dep.message = f"{DEPENDENCY_FAILED}: {message}"
+        self._cascaded.append(self._terminal_locked(dep, _S.FAILED, now_wall))
 
     def _make_room_for_locked(self, job: JobRecord, counts: collections.Counter) -> bool:
         """Settle an adopted job whose id is already known here. Returns False to skip it.
@@ -963,6 +1183,7 @@ class Engine:
         data = check_document(document)
         with self._lock:
             recovery = self._merge_documents_locked([(source, data)], hold=hold)
+        self._announce(None)
         assert recovery is not None
         self.logger.info("imported queue", source=source, summary=recovery.summary)
         return recovery
@@ -997,7 +1218,7 @@ class Engine:
         self.order_version += 1
         job.state = _S.DISPATCHED
         job.attempt += 1
-        job.not_before = None
+        job.backoff_until = None
         self._running[job.id] = job
         self._busy += 1
         self._admission.take(job)
@@ -1153,9 +1374,7 @@ class Engine:
                 nxt = self._claim_locked()
             self._wake_idle_locked()  # a kind or memory slot may have freed up for another
             self._notify_done_locked()
-        if info is not None:
-            self._log_finished(info)
-            self._callbacks.fire_here(info)
+        self._announce(info)
         return nxt
 
     def _fail_or_retry_locked(self, job: JobRecord, err: JobError, now_wall: float) -> Optional[JobInfo]:
@@ -1185,7 +1404,7 @@ class Engine:
         job.cancel_reason = None
         job.timed_out = False
         job.cancel_event = None
-        job.ready = ready and not job.held
+        job.ready = ready and job.may_run()
         self._scheduler.add(job, seq=job.key[1] if job.key else None)
         self.order_version += 1
         self._events.state(job)
@@ -1211,8 +1430,43 @@ class Engine:
         self._changed_locked(job, urgent=True)
         if len(self._history) > self._config.history_limit:
             self._evict_locked()
+        if job.id in self._deps:
+            self._settle_dependents_locked(job, now_wall)
         self._notify_done_locked()
         return info
+
+    def _settle_dependents_locked(self, job: JobRecord, now_wall: float) -> None:
+        """``job`` just ended: its dependents get its result (and may become ready),
+        or, if it did not complete, fail with it (and theirs with them)."""
+        if job.state is _S.COMPLETED:
+            woke = False
+            for dep in self._deps.take(job.id):
+                waiting = dep.waiting
+                assert waiting is not None
+                del waiting[job.id]
+                if dep.inputs is None:
+                    dep.inputs = {}
+                dep.inputs[job.id] = job.result
+                if not waiting:
+                    dep.waiting = None
+                    if dep.may_run():
+                        self._scheduler.set_ready(dep, True)
+                        woke = True
+                self._events.progress(dep)
+                self._changed_locked(dep, urgent=True)
+            if woke:
+                self._work_cv.notify_all()
+            return
+        root = job.root_cause or (job.id, job.state.value)
+        origin = self._jobs.get(root[0])
+        named = f"job {root[0]} ({origin.label})" if origin is not None else f"job {root[0]}"
+        for dep, via in self._deps.take_closure(job.id):
+            if via == root[0]:
+                message = f"prerequisite {named} ended {root[1]}, so this job did not run"
+            else:
+                message = (f"prerequisite job {via} did not run because {named} ended {root[1]}, "
+                           "so this job did not run either")
+            self._fail_dependent_locked(dep, root, message, now_wall)
 
     def _notify_done_locked(self) -> None:
         if self._done_waiters:
@@ -1321,7 +1575,8 @@ class Engine:
 
     def check_timers(self, now: Optional[float] = None) -> Optional[float]:
         """Run what is due at ``now`` (default: the engine's clock): retries whose backoff
-        ended, timeouts of running jobs, a memory re-check. Returns seconds until the
+        ended, timeouts of running jobs, start times (``not_before``, on the wall clock)
+        that came, a memory re-check. Returns seconds until the
         next thing is due, or None. The watchdog thread calls this; tests with an
         injected clock call it directly."""
         with self._lock:
@@ -1330,9 +1585,16 @@ class Engine:
     def _check_timers_locked(self, now: float) -> Optional[float]:
         wake = False
         for job in self._timers.backoffs_ended(now):
-            if not job.held:
+            if job.may_run():
                 self._scheduler.set_ready(job, True)
                 wake = True
+        now_wall = self._wall()
+        for job in self._timers.wakes_due(now_wall):
+            if job.may_run():
+                self._scheduler.set_ready(job, True)
+                wake = True
+            self._events.progress(job)
+            self._changed_locked(job, urgent=False)
         for job in self._timers.deadlines_passed(now):
             job.timed_out = True
             job.message = f"timed out after {job.timeout:g} s; waiting for the job to stop"
@@ -1344,7 +1606,7 @@ class Engine:
             wake = True
         if wake:
             self._work_cv.notify_all()
-        nxt = self._timers.next_due(now)
+        nxt = self._timers.next_due(now, now_wall)
         if blocked:
             nxt = MEMORY_RECHECK_S if nxt is None else min(nxt, MEMORY_RECHECK_S)
         return nxt

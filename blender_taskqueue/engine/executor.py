@@ -22,6 +22,7 @@ from .context import JobContext, _local
 from .errors import JobCancelled, UnknownKind
 from .kinds import KindSpec
 from .record import JobRecord
+from .results import resolve_inputs
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -61,9 +62,11 @@ class LocalExecutor:
                     f"job kind {job.kind!r} is not registered (is the add-on that provides it enabled?)"
                 )
             params = spec.handler_params(job.params)
+            stage = "inputs"
+            inputs = resolve_inputs(job, self._engine.workdir_for)
             if job.cancel_requested:
                 raise JobCancelled("cancelled before it started")
-            ctx = JobContext(self._engine, job, params, job.checkpoint if spec.resumable else None)
+            ctx = JobContext(self._engine, job, params, job.checkpoint if spec.resumable else None, inputs)
             stage = "run"
             _local.ctx = ctx
             return Outcome("ok", spec.handler(ctx, params))

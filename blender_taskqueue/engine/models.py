@@ -51,6 +51,9 @@ MOVE_WHERE = ("top", "up", "down", "bottom")
 # no path separators, no "..", no NUL, never empty, at most 64 characters.
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_~-]{0,63}")
 MAX_TIMEOUT_S = 30 * 24 * 3600.0  # a timeout longer than 30 days is a mistake, not a plan
+MAX_NOT_BEFORE_S = 366 * 24 * 3600.0  # a start more than a year ahead is a mistake, not a plan
+MAX_DEPENDENCIES = 1000  # prerequisites of one job
+DEPENDENCY_FAILED = "DependencyFailed"  # the error type of a job whose prerequisite did not complete
 
 
 def job_id_error(value: object) -> Optional[str]:
@@ -74,6 +77,30 @@ def timeout_error(value: object) -> Optional[str]:
         return f"timeout must be a positive number of seconds or None, got {value!r}"
     if not 0 < value <= MAX_TIMEOUT_S:  # also refuses nan and inf
         return f"timeout must be more than 0 and at most {MAX_TIMEOUT_S:g} s (30 days), got {value!r}"
+    return None
+
+
+def delay_error(value: object) -> Optional[str]:
+    """Why ``value`` is not a valid ``not_before`` in seconds from now, or None if it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not_before must be a datetime or a number of seconds from now, got {value!r}"
+    if not 0 <= value <= MAX_NOT_BEFORE_S:  # also refuses nan and inf
+        return (f"not_before in seconds must be 0 to {MAX_NOT_BEFORE_S:g} (a year) from now, "
+                f"got {value!r}")
+    return None
+
+
+def not_before_error(value: object, now: float) -> Optional[str]:
+    """Why ``value`` is not a valid ``not_before`` wall-clock timestamp (seconds since
+    the epoch; None allowed) when the time is ``now``, or None if it is. A time in
+    the past is valid (the job is ready at once); one more than a year ahead is not."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not_before must be a timestamp (seconds since the epoch), got {value!r}"
+    if not 0 <= value <= now + MAX_NOT_BEFORE_S:  # also refuses nan and inf
+        return (f"not_before must be a time from 1970 to a year from now, got {value!r} "
+                f"(now is {now:.0f})")
     return None
 
 
@@ -151,6 +178,12 @@ class JobInfo(NamedTuple):
     timeout: Optional[float] = None
     memory_mb: Optional[int] = None
     cancel_pending: bool = False
+    # Pipelines: the jobs this one runs after (all must complete first), those of
+    # them it still waits for, and the wall-clock time (seconds since the epoch)
+    # before which it does not start.
+    depends_on: tuple = ()
+    waiting_for: tuple = ()
+    not_before: Optional[float] = None
 
     @property
     def is_terminal(self) -> bool:

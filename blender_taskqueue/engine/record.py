@@ -1,4 +1,9 @@
-"""The engine's mutable record of one job. Only the engine touches it, under its lock."""
+"""The engine's mutable record of one job. Only the engine touches it, under its lock.
+
+Why a queued job is not ready shows in its fields: ``held`` (waits for release),
+``backoff_until`` (a retry's backoff, on the engine's clock), ``waiting`` (the
+prerequisites that have not completed yet) and ``time_pending`` (its wall-clock
+``not_before`` has not come yet). It is ready when none of them holds."""
 
 from __future__ import annotations
 
@@ -37,8 +42,15 @@ class JobRecord:
         "heap_key",
         "in_queue",
         "ready",
+        "backoff_until",
         "not_before",
+        "time_pending",
         "deadline",
+        # pipelines
+        "depends_on",
+        "waiting",
+        "inputs",
+        "root_cause",
         # running
         "run_started",
         "cancel_requested",
@@ -92,7 +104,13 @@ class JobRecord:
         self.heap_key: Any = None
         self.in_queue = False
         self.ready = not held
-        self.not_before: Optional[float] = None
+        self.backoff_until: Optional[float] = None  # engine clock: a retry's backoff ends
+        self.not_before: Optional[float] = None  # wall clock: the job does not start before
+        self.time_pending = False  # not_before has not come yet (an entry in the timers' heap)
+        self.depends_on: tuple[str, ...] = ()  # prerequisites, in the order given
+        self.waiting: Optional[dict[str, None]] = None  # those not completed yet (None: none)
+        self.inputs: Optional[dict[str, Any]] = None  # results of the completed ones, by id
+        self.root_cause: Optional[tuple[str, str]] = None  # (id, state) a dependency failure began at
         self.deadline: Optional[float] = None
         self.run_started: Optional[float] = None
         self.cancel_requested = False
@@ -104,6 +122,10 @@ class JobRecord:
         self.yielded_at = 0.0
         self.slot: Optional[str] = None  # the resource admission gave it (KindSpec.slots)
         self._view: Any = None
+
+    def may_run(self) -> bool:
+        """Nothing but a free worker keeps this queued job from running."""
+        return not (self.held or self.waiting or self.time_pending or self.backoff_until is not None)
 
     def params_view(self) -> Any:
         view = self._view
@@ -142,6 +164,9 @@ class JobRecord:
                 self.timeout,
                 self.memory_mb,
                 self.cancel_requested and state not in TERMINAL_STATES,
+                self.depends_on,
+                tuple(waiting) if (waiting := self.waiting) else (),
+                self.not_before,
             ),
         )
 

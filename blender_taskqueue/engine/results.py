@@ -3,7 +3,8 @@
 Owns: loading a finished job's ``result.json`` from its own work folder after
 adoption or a .blend import, on a thread of its own (never the main thread,
 never under the engine lock), only regular files, at most ``RESULT_READ_MAX``
-bytes.
+bytes; and the same for the results a dependent job gets in ``ctx.inputs``
+(``resolve_inputs``, on the worker thread that is about to run it).
 
 Must not touch: any path a document names. A sidecar or a .blend is hostile
 input: its ``{"$file": ...}`` marker only says that a result file exists; the
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .record import JobRecord
-from .store import RESULT_FILE
+from .store import RESULT_FILE, is_result_file
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -63,6 +64,32 @@ def read_result_file(path: Path, limit: int = RESULT_READ_MAX) -> Any:
     finally:
         os.close(fd)
     return json.loads(b"".join(chunks).decode("utf-8"))
+
+
+def resolve_inputs(job: JobRecord, workdir_for: Callable[[str], Path]) -> dict:
+    """``ctx.inputs`` of a job about to run: its prerequisites' results by id, in
+    ``depends_on`` order. A result kept in a file (after a restart) is read from
+    that prerequisite's own folder, never from the path the marker names; call it
+    with the lock released, off the main thread.
+
+    Raises:
+        OSError, ValueError: such a file is missing, too big or not JSON.
+    """
+    inputs = job.inputs
+    if not inputs:
+        return {}
+    out = {}
+    for pid in job.depends_on:
+        if pid not in inputs:
+            continue
+        value = inputs[pid]
+        if is_result_file(value):
+            try:
+                value = read_result_file(workdir_for(pid) / RESULT_FILE)
+            except (OSError, ValueError, RecursionError) as exc:
+                raise OSError(f"the result of prerequisite job {pid!r} cannot be read back: {exc}") from None
+        out[pid] = value
+    return out
 
 
 class ResultLoader:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 import psutil
 
 from .kinds import KIND_NAME
-from .models import JobError, JobState, job_id_error, timeout_error
+from .models import MAX_DEPENDENCIES, JobError, JobState, job_id_error, not_before_error, timeout_error
 from .record import JobRecord
 
 if TYPE_CHECKING:
@@ -50,7 +50,9 @@ FIELDS = (
     "id", "kind", "label", "params", "priority", "state", "progress", "stage", "message",
     "attempt", "max_retries", "errors", "result", "partial_result", "checkpoint", "held",
     "created_at", "started_at", "finished_at", "timeout", "memory_mb", "key", "recovered_from",
+    "depends_on", "waiting", "inputs", "not_before", "root_cause",
 )
+_PIPELINE_FIELDS = ("depends_on", "waiting", "inputs", "not_before", "root_cause")
 _capture = operator.attrgetter(*FIELDS)
 
 
@@ -206,10 +208,23 @@ def job_to_dict(values: tuple, workdir: Callable[[str], Path]) -> dict:
         d["partial_result"] = None
         d["partial_is_checkpoint"] = True
     d["result"] = _result_for_disk(d["id"], d["result"], workdir)
+    for name in _PIPELINE_FIELDS:  # most jobs have none: their entries stay as they were
+        if not d[name]:
+            del d[name]
+    for name in ("depends_on", "waiting", "root_cause"):
+        if name in d:
+            d[name] = list(d[name])
+    if "inputs" in d:  # a big one is kept in its prerequisite's own folder, like its result
+        d["inputs"] = {pid: _result_for_disk(pid, value, workdir, reuse=True)
+                       for pid, value in d["inputs"].items()}
     return d
 
 
-def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -> Any:
+def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path], *,
+                     reuse: bool = False) -> Any:
+    """``result`` as stored: inline, or over INLINE_RESULT_MAX in the job's folder
+    (``reuse``: a file of the same size there already holds it, as for a result
+    passed along to a dependent, which is written again on every save)."""
     if result is None or is_result_file(result):
         return result  # a result file not loaded (yet) keeps its marker
     try:
@@ -220,8 +235,11 @@ def _result_for_disk(job_id: str, result: Any, workdir: Callable[[str], Path]) -
         return result
     try:
         path = workdir(job_id) / RESULT_FILE
+        data = text.encode("utf-8")
+        if reuse and path.is_file() and path.stat().st_size == len(data):
+            return {"$file": str(path), "bytes": len(text)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text.encode("utf-8"))  # a re-run's result replaces the old one
+        write_atomic(path, data)  # a re-run's result replaces the old one
     except (OSError, ValueError) as exc:
         return {"$repr": f"(result of {len(text)} bytes could not be saved: {exc})"}
     return {"$file": str(path), "bytes": len(text)}
@@ -328,11 +346,47 @@ def job_from_dict(d: dict) -> JobRecord:
         job.recovered_from = _str(d, "recovered_from")
         seq = _opt(d, "seq", int)
         job.key = (priority, seq) if seq is not None else None
+        _pipeline_from_dict(job, d)
     except SidecarError:
         raise
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SidecarError(f"malformed job entry: {exc!r}") from None
     return job
+
+
+def _pipeline_from_dict(job: JobRecord, d: dict) -> None:
+    """The edges, passed-along results and start time of an entry, each checked."""
+    deps = d.get("depends_on") or []
+    if not isinstance(deps, list) or len(deps) > MAX_DEPENDENCIES:
+        raise SidecarError(f"malformed job entry: depends_on={deps!r}"[:300])
+    for pid in deps:
+        problem = job_id_error(pid)
+        if problem or pid == job.id:
+            raise SidecarError(f"malformed job entry: depends_on: {problem or 'the job itself'}"[:300])
+    job.depends_on = tuple(dict.fromkeys(deps))
+    waiting = d.get("waiting")
+    if waiting is not None:
+        if not isinstance(waiting, list) or not set(waiting) <= set(job.depends_on):
+            raise SidecarError(f"malformed job entry: waiting={waiting!r} is not among depends_on"[:300])
+        job.waiting = dict.fromkeys(waiting) or None
+    inputs = d.get("inputs")
+    if inputs is not None:
+        if not isinstance(inputs, dict) or not set(inputs) <= set(job.depends_on):
+            raise SidecarError("malformed job entry: inputs are not results of its depends_on")
+        if job.waiting and set(inputs) & set(job.waiting):
+            raise SidecarError("malformed job entry: inputs of prerequisites it still waits for")
+        job.inputs = dict(inputs) or None
+    at = d.get("not_before")
+    problem = not_before_error(at, time.time())
+    if problem:
+        raise SidecarError(f"malformed job entry: {problem}"[:300])
+    job.not_before = float(at) if at is not None else None
+    root = d.get("root_cause")
+    if root is not None:
+        if (not isinstance(root, list) or len(root) != 2 or job_id_error(root[0])
+                or not isinstance(root[1], str) or len(root[1]) > 40):
+            raise SidecarError(f"malformed job entry: root_cause={root!r}"[:300])
+        job.root_cause = (root[0], root[1])
 
 
 def read_sidecar(path: Path) -> dict:

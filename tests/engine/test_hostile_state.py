@@ -133,11 +133,11 @@ def test_the_watchdog_survives_an_error_and_says_so(make_engine, registry):
     real = timers.next_due
     calls = collections.Counter()
 
-    def broken_once(now):
+    def broken_once(now, now_wall):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OverflowError("timeout value is too large")
-        return real(now)
+        return real(now, now_wall)
 
     engine._timers = type("BrokenTimers", (), {  # the watchdog's source of delays fails once
         "next_due": staticmethod(broken_once),
