@@ -79,6 +79,15 @@ def submit_many(specs: list[dict]) -> list[str]:
     return engine().submit_many(specs)
 
 
+def pipeline(steps: list, **options: Any) -> list[str]:
+    """Queue ``steps`` as a chain, each after the one before (see ``Engine.pipeline``)."""
+    return engine().pipeline(steps, **options)
+
+
+def dependents(job_id: str, *, failed_with: bool = False) -> list[str]:
+    return engine().dependents(job_id, failed_with=failed_with)
+
+
 def run(fn: Callable[..., Any], *args: Any, label: Optional[str] = None,
         priority: Union[str, int] = "normal", **kwargs: Any) -> str:
     return engine().run(fn, *args, label=label, priority=priority, **kwargs)
@@ -92,12 +101,12 @@ def jobs(states: Any = None) -> list[JobInfo]:
     return engine().jobs(states)
 
 
-def cancel(job_id: str) -> bool:
-    return engine().cancel(job_id)
+def cancel(job_id: str, *, with_dependents: bool = False) -> bool:
+    return engine().cancel(job_id, with_dependents=with_dependents)
 
 
-def retry(job_id: str, params: Optional[dict] = None) -> str:
-    return engine().retry(job_id, params)
+def retry(job_id: str, params: Optional[dict] = None, *, with_dependents: bool = False) -> str:
+    return engine().retry(job_id, params, with_dependents=with_dependents)
 
 
 def move(job_id: str, where: str) -> bool:
@@ -191,7 +200,8 @@ def generate(
     """
     from .kinds import comfyui
 
-    submit_keys = {"priority", "label", "timeout", "max_retries", "memory_mb"}
+    submit_keys = {"priority", "label", "timeout", "max_retries", "memory_mb", "held", "depends_on",
+                   "not_before"}
     submit_options = {k: options.pop(k) for k in list(options) if k in submit_keys}
     batch = comfyui.generation_params(
         workflow_file, prompt=prompt, negative=negative, seed=seed, count=count, server=server,

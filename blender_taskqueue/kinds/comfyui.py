@@ -64,6 +64,7 @@ from ..engine import registry as shared_registry
 KIND = "comfyui.prompt"
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 DEFAULT_WORKFLOW = Path(__file__).with_name("workflows") / "txt2img.json"
+IMG2IMG_WORKFLOW = DEFAULT_WORKFLOW.with_name("img2img.json")  # LoadImage -> VAEEncode -> KSampler
 MAX_WORKFLOW_BYTES = 8 * 1024 * 1024
 MAX_NODES = 5000
 MAX_INPUT_BYTES = 256 * 1024 * 1024
@@ -265,6 +266,17 @@ class ComfyParams(BaseModel):
         default_factory=dict,
         description="local image files uploaded first, e.g. {'10.inputs.image': '/tmp/render.png'}",
     )
+    input_from: Optional[str] = Field(
+        None,
+        description="an image input, e.g. '10.inputs.image', filled with the first image file "
+                    "among the results of the jobs this one depends on (a render, an earlier "
+                    "generation): a pipeline step",
+    )
+    input_index: int = Field(
+        0, ge=0, le=100_000,
+        description="with input_from: which of those image files (0: the first; a render of "
+                    "frames 1-24 makes 24, one per frame)",
+    )
     outputs: Optional[list[str]] = Field(None, description="output node ids to download; all if None")
     token_env: Optional[str] = Field(None, description="environment variable holding a bearer token")
     load_images: bool = Field(True, description="in Blender, load the images as datablocks")
@@ -325,6 +337,10 @@ class ComfyParams(BaseModel):
                 raise ValueError(
                     f"input {path!r}: {file!r} must be an image file ({', '.join(INPUT_SUFFIXES)})"
                 )
+        if self.input_from is not None:
+            check_path(self.workflow, self.input_from, "input")
+            if self.input_from in self.overrides or self.input_from in self.inputs:
+                raise ValueError(f"input_from {self.input_from!r} is also set by overrides or inputs")
         for node_id in self.outputs or ():
             if node_id not in self.workflow:
                 raise ValueError(f"outputs: no node {node_id!r} in the workflow")
@@ -399,11 +415,14 @@ def generation_params(
     server: Union[str, list[str], None] = None,
     input_image: Optional[str] = None,
     overrides: Optional[dict[str, Any]] = None,
+    input_from_previous: bool = False,
     **extra: Any,
 ) -> list[dict]:
     """Params for ``count`` generations of one workflow (the embedded text-to-image
     one if None) with ``prompt`` and seeds ``seed, seed+1, ...`` (random when None,
-    and written into the params, so a retry makes the same image)."""
+    and written into the params, so a retry makes the same image). With
+    ``input_from_previous``, job i's LoadImage takes image i of the results of the
+    jobs it depends on (``input_from``/``input_index``), e.g. frame i of a render."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
         raise ValueError(f"count must be an int from 1 to 1000, got {count!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -418,7 +437,8 @@ def generation_params(
                 raise ValueError(f"{source}: found no {key} text input; name it in overrides")
             base[paths[key]] = value  # type: ignore[index]
     inputs: dict[str, str] = {}
-    if input_image is not None:
+    target = None
+    if input_image is not None or input_from_previous:
         target = next(
             (f"{n}.inputs.image" for n in sorted(workflow, key=_node_order)
              if workflow[n]["class_type"] == "LoadImage" and "image" in workflow[n].get("inputs", {})),
@@ -426,7 +446,10 @@ def generation_params(
         )
         if target is None:
             raise ValueError(f"{source} has no LoadImage node to take the input image")
-        inputs[target] = str(input_image)
+        if input_image is not None and input_from_previous:
+            raise ValueError("give input_image or input_from_previous, not both")
+        if input_image is not None:
+            inputs[target] = str(input_image)
     if seed is None:
         seed = random.randrange(1 << 48)
     out = []
@@ -443,6 +466,8 @@ def generation_params(
             "inputs": inputs,
             **extra,
         }
+        if input_from_previous:
+            params["input_from"], params["input_index"] = target, i
         if server is not None:
             params["server"] = server
         out.append(params)
@@ -828,7 +853,10 @@ class _Run:
     def _submit(self) -> None:
         ctx = self.ctx
         uploaded: dict[str, str] = {}
-        for path, file in self.params.inputs.items():
+        files = dict(self.params.inputs)
+        if self.params.input_from is not None:
+            files[self.params.input_from] = image_from_inputs(ctx.inputs, self.params.input_index)
+        for path, file in files.items():
             ctx.raise_if_cancelled()
             ctx.progress(0.0, "uploading", os.path.basename(file))
             uploaded[path] = self._retrying(functools.partial(self.client.upload, Path(file)))
@@ -1119,6 +1147,28 @@ def _needs_network(params: dict) -> bool:
     return not all(is_loopback(s) for s in _servers_of(params))
 
 
+def image_from_inputs(inputs: dict, index: int = 0) -> str:
+    """Image file ``index`` among those named in the results of a job's
+    prerequisites (``ctx.inputs``, in ``depends_on`` order): a result's ``files``
+    list (what ``blender.render`` and ``comfyui.prompt`` return) or a path string.
+    Only existing regular files with an image suffix count.
+
+    Raises:
+        ValueError: naming the prerequisites, when they made fewer image files.
+    """
+    found: list[str] = []
+    for result in inputs.values():
+        candidates = result.get("files") if isinstance(result, dict) else [result]
+        for file in candidates if isinstance(candidates, list) else ():
+            if isinstance(file, str) and file.lower().endswith(INPUT_SUFFIXES) and os.path.isfile(file):
+                found.append(file)
+                if len(found) > index:
+                    return file
+    names = ", ".join(inputs) or "none: the job depends on no job"
+    raise ValueError(f"input_from: image {index} wanted, but the results of its prerequisites "
+                     f"({names}) hold {len(found)} image file(s)")
+
+
 def describe(params: dict) -> list[str]:
     """What a job with these params will do, for the release dialog."""
     lines = []
@@ -1141,6 +1191,9 @@ def describe(params: dict) -> list[str]:
         lines.append(f"sets {path} = {json.dumps(value)}")
     for path, file in sorted((params.get("inputs") or {}).items()):
         lines.append(f"UPLOADS the local file {file} to the server, as {path}")
+    if params.get("input_from"):
+        lines.append(f"UPLOADS the first image among the results of the jobs it runs after, "
+                     f"as {params['input_from']}")
     lines.append("downloads the outputs into the job's own folder"
                  f"{' (nodes ' + ', '.join(params['outputs']) + ')' if params.get('outputs') else ''}")
     if params.get("token_env"):

@@ -344,3 +344,53 @@ def test_closing_blender_leaves_the_generation_running_and_the_next_start_collec
     assert info.state is JobState.COMPLETED, info.error
     assert len(server.submissions) == 1
     assert Path(info.result["files"][0]).read_bytes().startswith(PNG)
+
+
+# --- pipelines: a render's frames through img2img -----------------------------------
+
+
+def test_img2img_steps_take_frame_i_of_the_render_they_depend_on(engine, server, registry, tmp_path):
+    from blender_taskqueue.engine import KindSpec
+
+    frames = []
+    for n in (1, 2):
+        frame = tmp_path / f"frame_{n:04d}.png"
+        frame.write_bytes(comfyui_fake.png_bytes(8, 8, f"frame {n}".encode()))
+        frames.append(str(frame))
+    registry.register(KindSpec(name="t.fake_render", handler=lambda ctx, p: {"files": frames}))
+    batch = comfyui.generation_params(str(comfyui.IMG2IMG_WORKFLOW), prompt="as watercolour", seed=5,
+                                      count=2, server=server.url, input_from_previous=True)
+    assert [(p["input_from"], p["input_index"]) for p in batch] == [("10.inputs.image", 0),
+                                                                      ("10.inputs.image", 1)]
+    ids = engine.submit_many(
+        [{"kind": "t.fake_render", "name": "render"}]
+        + [{"kind": comfyui.KIND, "params": p, "depends_on": "@render"} for p in batch]
+    )
+    for job_id in ids:
+        assert finish(engine, job_id).state is JobState.COMPLETED, engine.get(job_id).error
+    assert sorted(server.uploads) == ["frame_0001.png", "frame_0002.png"]
+    sent = sorted(s["prompt"]["10"]["inputs"]["image"] for s in server.submissions)
+    assert sent == ["frame_0001.png", "frame_0002.png"]
+    lines = comfyui.describe(batch[1])
+    assert any("UPLOADS the first image among the results" in line for line in lines)
+
+
+def test_input_from_without_an_image_fails_naming_the_prerequisite(engine, server, registry):
+    from blender_taskqueue.engine import KindSpec
+
+    registry.register(KindSpec(name="t.no_image", handler=lambda ctx, p: {"files": ["/nonexistent.png"]}))
+    batch = comfyui.generation_params(str(comfyui.IMG2IMG_WORKFLOW), count=1, server=server.url,
+                                      input_from_previous=True)
+    first, second = engine.submit_many([
+        {"kind": "t.no_image", "name": "r"},
+        {"kind": comfyui.KIND, "params": batch[0], "depends_on": "@r"},
+    ])
+    info = finish(engine, second)
+    assert info.state is JobState.FAILED
+    assert "input_from" in info.error.message and first in info.error.message
+    assert server.submissions == []  # nothing was sent
+
+
+def test_input_from_must_name_an_input_of_the_workflow(engine, server):
+    with pytest.raises(InvalidParams, match="input_from|99"):
+        engine.submit(comfyui.KIND, params(server, input_from="99.inputs.image"))
