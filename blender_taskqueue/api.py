@@ -174,6 +174,21 @@ def render_current_file(**options: Any) -> str:
     return background.render_current_file(**options)
 
 
+def render_and_generate(frame_start: Optional[int] = None, frame_end: Optional[int] = None,
+                        **options: Any) -> list[str]:
+    """In Blender, the built-in pipeline: render the frames in the background, send
+    each through a ComfyUI image-to-image workflow (the embedded one unless
+    ``workflow_file``), load the results; returns ``[render id, generation ids...]``.
+    Takes ``prompt``, ``negative``, ``seed``, ``server``, ``workflow_file``, ``label``,
+    ``held`` and ``render_current_file``'s options."""
+    if "bpy" not in sys.modules:
+        raise RuntimeError("render_and_generate needs Blender; outside it, use tq.submit_many with "
+                           "a blender.render job and comfyui.prompt jobs that depend on it")
+    from .blender import generate as _generate
+
+    return _generate.render_and_generate(frame_start, frame_end, **options)
+
+
 def generate(
     workflow_file: Optional[str] = None,
     *,

@@ -31,7 +31,59 @@ INPUTS = [
     ("NONE", "None", "Text to image: no input image"),
     ("RENDER", "Last Render", "Send the last render result as the input image"),
     ("IMAGE", "Image", "Send an image datablock as the input image"),
+    ("FRAMES", "Render Frames",
+     "A pipeline: render the scene's frame range in the background, then send each frame "
+     "through the workflow (image to image; the embedded one if none is picked), then load the results"),
 ]
+MAX_PIPELINE_FRAMES = 1000
+
+
+def render_and_generate(
+    frame_start: Optional[int] = None,
+    frame_end: Optional[int] = None,
+    *,
+    workflow_file: Optional[str] = None,
+    prompt: Optional[str] = None,
+    negative: Optional[str] = None,
+    seed: Optional[int] = None,
+    server: Any = None,
+    label: Optional[str] = None,
+    held: bool = False,
+    **render_options: Any,
+) -> list[str]:
+    """The built-in pipeline: a background render of frames ``frame_start``..``frame_end``
+    (the scene's range by default), then one ComfyUI image-to-image generation per
+    frame that waits for the render and takes its frame, then the images loaded
+    into Blender. Returns ``[render id, generation ids...]``. The generations are
+    checked before anything is queued; the render waits (held) until they are
+    queued, so a refusal leaves no half pipeline running."""
+    scene: Any = bpy.context.scene
+    start = int(scene.frame_start if frame_start is None else frame_start)
+    end = int(scene.frame_end if frame_end is None else frame_end)
+    if not 1 <= end - start + 1 <= MAX_PIPELINE_FRAMES:
+        raise ValueError(f"frames {start}..{end}: a pipeline takes 1 to {MAX_PIPELINE_FRAMES} frames")
+    batch = comfyui.generation_params(
+        workflow_file or str(comfyui.IMG2IMG_WORKFLOW), prompt=prompt, negative=negative, seed=seed,
+        count=end - start + 1, server=server, input_from_previous=True,
+    )
+    from . import background
+
+    queue = runtime.engine()
+    render_id = background.render_current_file(frame_start=start, frame_end=end, held=True, **render_options)
+    name = label or (prompt or "img2img")[:30]
+    try:
+        ids = queue.submit_many([
+            {"kind": comfyui.KIND, "params": p, "label": f"{name} · frame {start + i}",
+             "depends_on": [render_id], "held": held}
+            for i, p in enumerate(batch)
+        ])
+    except BaseException:
+        queue.cancel(render_id)
+        raise
+    if not held:
+        queue.release([render_id])
+    runtime.poke()
+    return [render_id, *ids]
 
 
 def load_images(paths: list[str]) -> list[str]:
@@ -123,6 +175,19 @@ class TASKQUEUE_OT_generate(bpy.types.Operator):
 
     def execute(self, context: Any) -> set[str]:
         settings = context.scene.taskqueue_generate
+        if settings.input_source == "FRAMES":
+            try:
+                ids = render_and_generate(
+                    workflow_file=bpy.path.abspath(settings.workflow_file) if settings.workflow_file else None,
+                    prompt=settings.prompt or None, negative=settings.negative or None,
+                    seed=None if settings.random_seed else int(settings.seed), server=_servers(context),
+                )
+            except Exception as exc:
+                self.report({"ERROR"}, f"Generate: {exc}")
+                return {"CANCELLED"}
+            runtime.select(ids[-1])
+            self.report({"INFO"}, f"Queued a render and {len(ids) - 1} generation(s) after it")
+            return {"FINISHED"}
         try:
             image = input_image_path(context, settings)
             batch = comfyui.generation_params(
@@ -210,8 +275,10 @@ class VIEW3D_PT_taskqueue_generate(bpy.types.Panel):
         settings = context.scene.taskqueue_generate
         col = layout.column()
         col.prop(settings, "workflow_file", text="")
+        frames = settings.input_source == "FRAMES"
         if not settings.workflow_file:
-            col.label(text="Embedded text-to-image workflow", icon="NODETREE")
+            col.label(text="Embedded image-to-image workflow" if frames else
+                      "Embedded text-to-image workflow", icon="NODETREE")
         col.prop(settings, "prompt", text="")
         col.prop(settings, "negative", text="Negative")
         row = col.row(align=True)
@@ -219,15 +286,22 @@ class VIEW3D_PT_taskqueue_generate(bpy.types.Panel):
         sub = row.row(align=True)
         sub.enabled = not settings.random_seed
         sub.prop(settings, "seed")
-        col.prop(settings, "count")
+        if not frames:
+            col.prop(settings, "count")
         col.prop(settings, "input_source")
+        if frames:
+            scene = context.scene
+            n = scene.frame_end - scene.frame_start + 1
+            col.label(text=f"Render {scene.frame_start}-{scene.frame_end}, then {n} generation(s)",
+                      icon="LINKED")
         if settings.input_source == "IMAGE":
             col.template_ID(settings, "input_image", open="image.open")
         servers = _servers(context) or [comfyui.DEFAULT_SERVER]
         col.label(text=f"Server: {servers[0]}" + (f" +{len(servers) - 1}" if len(servers) > 1 else ""),
                   icon="URL")
         col.operator("taskqueue.generate", icon="RENDER_STILL",
-                     text=f"Generate {settings.count}" if settings.count > 1 else "Generate")
+                     text="Render, then Generate" if frames else
+                     f"Generate {settings.count}" if settings.count > 1 else "Generate")
         info = newest_generation()
         names = (info.result or {}).get("datablocks") if info is not None and isinstance(info.result, dict) else None
         if names:

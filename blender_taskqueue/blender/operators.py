@@ -57,17 +57,64 @@ def _run(op: bpy.types.Operator, fn: Any, *args: Any) -> Any:
         return None
 
 
+def _safe(fn: Any, job_id: str) -> list[str]:
+    try:
+        return list(fn(job_id))
+    except (KeyError, TypeError):
+        return []
+
+
+def _labels(ids: list[str]) -> list[str]:
+    """Labels of jobs by id, for a dialog (an id that left the history shows as itself)."""
+    out = []
+    for job_id in ids:
+        try:
+            out.append(runtime.engine().get(job_id).label)
+        except KeyError:
+            out.append(job_id)
+    return out
+
+
+def _draw_dependents(layout: Any, what: str, labels: list[str]) -> None:
+    n = len(labels)
+    layout.label(text=f"{n} job{'s' if n != 1 else ''} {what}:", icon="LINKED")
+    col = layout.column(align=True)
+    for label in labels[:8]:
+        col.label(text=f"   {label}")
+    if n > 8:
+        col.label(text=f"   …and {n - 8} more")
+
+
 class TASKQUEUE_OT_cancel(_JobOperator, bpy.types.Operator):
     """Cancel the job: a queued one at once, a running one as soon as it stops"""
 
     bl_idname = "taskqueue.cancel"
     bl_label = "Cancel Job"
 
+    with_dependents: bpy.props.BoolProperty(  # type: ignore[valid-type]
+        name="Cancel the jobs that wait for it too",
+        description="Cancel its dependents now; otherwise they end failed once it has stopped",
+        default=True, options={"SKIP_SAVE"},
+    )
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        self.job_id = info.id
+        if not runtime.engine().dependents(info.id):
+            return self.execute(context)
+        return context.window_manager.invoke_props_dialog(self, width=420)  # type: ignore[union-attr, return-value]
+
+    def draw(self, context: bpy.types.Context) -> None:
+        _draw_dependents(self.layout, "wait for this job", _labels(_safe(runtime.engine().dependents, self.job_id)))
+        self.layout.prop(self, "with_dependents")  # type: ignore[union-attr]
+
     def execute(self, context: bpy.types.Context) -> set[str]:
         info = _job_or_report(self)
         if info is None:
             return {"CANCELLED"}
-        done = _run(self, runtime.engine().cancel, info.id)
+        done = _run(self, lambda i: runtime.engine().cancel(i, with_dependents=self.with_dependents), info.id)
         if done is None:
             return {"CANCELLED"}
         if not done:
@@ -82,11 +129,31 @@ class TASKQUEUE_OT_retry(_JobOperator, bpy.types.Operator):
     bl_idname = "taskqueue.retry"
     bl_label = "Retry Job"
 
+    with_dependents: bpy.props.BoolProperty(  # type: ignore[valid-type]
+        name="Queue the jobs that failed with it again",
+        description="Its dependents that failed because it did not complete run again after it",
+        default=True, options={"SKIP_SAVE"},
+    )
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        info = _job_or_report(self)
+        if info is None:
+            return {"CANCELLED"}
+        self.job_id = info.id
+        if not runtime.engine().dependents(info.id, failed_with=True):
+            return self.execute(context)
+        return context.window_manager.invoke_props_dialog(self, width=420)  # type: ignore[union-attr, return-value]
+
+    def draw(self, context: bpy.types.Context) -> None:
+        failed = _safe(lambda i: runtime.engine().dependents(i, failed_with=True), self.job_id)
+        _draw_dependents(self.layout, "failed because this job did not complete", _labels(failed))
+        self.layout.prop(self, "with_dependents")  # type: ignore[union-attr]
+
     def execute(self, context: bpy.types.Context) -> set[str]:
         info = _job_or_report(self)
         if info is None:
             return {"CANCELLED"}
-        new_id = _run(self, runtime.engine().retry, info.id)
+        new_id = _run(self, lambda i: runtime.engine().retry(i, with_dependents=self.with_dependents), info.id)
         if new_id is None:
             return {"CANCELLED"}
         runtime.select(new_id)

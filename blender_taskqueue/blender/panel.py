@@ -45,7 +45,40 @@ NOTICE_SECONDS = 30.0
 def state_icon(info: JobInfo) -> str:
     if info.held:
         return "PAUSE"
+    if info.state is _S.QUEUED and info.waiting_for:
+        return "LINKED"
+    if info.state is _S.QUEUED and starts_later(info):
+        return "TIME"
     return STATE_ICONS[info.state]
+
+
+def starts_later(info: JobInfo, now: Optional[float] = None) -> bool:
+    """A queued job whose ``not_before`` has not come yet."""
+    return info.not_before is not None and info.not_before > (time.time() if now is None else now)
+
+
+def clock_text(at: float, now: Optional[float] = None) -> str:
+    """A start time as a person reads it: "14:05" today, "Tue 14:05" this week, else the date."""
+    now = time.time() if now is None else now
+    when = time.localtime(at)
+    if time.strftime("%Y%m%d", when) == time.strftime("%Y%m%d", time.localtime(now)):
+        return time.strftime("%H:%M", when)
+    if at - now < 6 * 86400:
+        return time.strftime("%a %H:%M", when)
+    return time.strftime("%Y-%m-%d %H:%M", when)
+
+
+def waiting_text(info: JobInfo, short: bool = False) -> Optional[str]:
+    """Why a queued job waits on its pipeline: "waiting for 2 jobs", "starts 14:05"."""
+    if info.waiting_for:
+        n = len(info.waiting_for)
+        if short:
+            return f"after {n}"
+        return f"waiting for {n} job" + ("s" if n > 1 else "")
+    if starts_later(info):
+        assert info.not_before is not None
+        return clock_text(info.not_before) if short else f"starts {clock_text(info.not_before)}"
+    return None
 
 
 def format_eta(seconds: Optional[float]) -> str:
@@ -64,7 +97,9 @@ def progress_text(info: JobInfo) -> str:
     if info.held:
         return "held"
     if info.state is _S.QUEUED:
-        return "waiting for memory" if (info.message or "").startswith("waiting for memory") else "queued"
+        if (info.message or "").startswith("waiting for memory"):
+            return "waiting for memory"
+        return waiting_text(info) or "queued"
     if info.cancel_pending:
         return "cancelling…"
     if info.state.is_terminal:
@@ -83,7 +118,9 @@ def short_progress_text(info: JobInfo) -> str:
     if info.cancel_pending:
         return "stopping"
     if info.state is _S.QUEUED:
-        return "memory" if (info.message or "").startswith("waiting for memory") else "queued"
+        if (info.message or "").startswith("waiting for memory"):
+            return "memory"
+        return waiting_text(info, short=True) or "queued"
     if info.state is _S.COMPLETED:
         return "done"
     if info.state.is_terminal:
@@ -92,9 +129,10 @@ def short_progress_text(info: JobInfo) -> str:
 
 
 def row_label(info: JobInfo) -> str:
+    label = info.label
     if info.max_retries and info.attempt:
-        return f"{info.label} ({info.attempt}/{info.max_retries + 1})"
-    return info.label
+        label = f"{label} ({info.attempt}/{info.max_retries + 1})"
+    return f"› {label}" if info.depends_on else label  # a step of a chain: after another job
 
 
 _chars_per_line = 28  # updated from the sidebar's width at each draw
@@ -329,6 +367,8 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
         col.label(text=f"Kind: {info.kind}")
         col.label(text=f"Id: {info.id}")
         col.label(text=f"Priority {info.priority}")
+        if pump is not None:
+            _pipeline_lines(layout, pump.engine, info)
         attempts = f"attempt {info.attempt} of {info.max_retries + 1}" if info.attempt else "not started"
         col.label(text=attempts + (f" · timeout {info.timeout:g} s" if info.timeout else ""))
         if info.started_at:
@@ -365,6 +405,33 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             row.operator("taskqueue.cancel", icon="X").job_id = info.id
             if info.held:
                 row.operator("taskqueue.release", text="Release", icon="PLAY").job_id = info.id
+
+
+def _pipeline_lines(layout: Any, engine: Any, info: JobInfo) -> None:
+    """Where the job stands in its chain: what it runs after (each prerequisite's
+    label and state) and when it may start; the jobs waiting on it."""
+    col = layout.column(align=True)
+    waiting = set(info.waiting_for)
+    for pid in info.depends_on[:6]:
+        try:
+            pre = engine.get(pid)
+            text, icon = f"After: {pre.label} ({pre.state.value})", state_icon(pre)
+        except KeyError:
+            text, icon = f"After: {pid} (gone from history)", "CHECKMARK"
+        col.label(text=text, icon="LINKED" if pid in waiting else icon)
+    if len(info.depends_on) > 6:
+        col.label(text=f"…and {len(info.depends_on) - 6} more prerequisites")
+    if info.not_before is not None:
+        word = "Starts" if starts_later(info) else "Not before"
+        col.label(text=f"{word}: {clock_text(info.not_before)}", icon="TIME")
+    if not info.state.is_terminal:
+        try:
+            after = engine.dependents(info.id)
+        except KeyError:
+            after = []
+        if after:
+            col.label(text=f"{len(after)} job" + ("s" if len(after) > 1 else "") + " wait for this one",
+                      icon="DECORATE_LINKED")
 
 
 def _value_text(value: Any) -> str:

@@ -80,6 +80,52 @@ def scenario_generate(folder: str) -> dict[str, Any]:
     return out
 
 
+def scenario_pipeline(folder: str) -> dict[str, Any]:
+    """The built-in pipeline: render frames -> img2img per frame -> images in Blender."""
+    S.boot()
+    bpy, tq = S.bpy, S.tq
+    panel = S.sub("blender.panel")
+    out: dict[str, Any] = {}
+    scene = bpy.context.scene
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.render.resolution_x, scene.render.resolution_y = 64, 48
+    scene.frame_start, scene.frame_end = 1, 2
+    scene.render.filepath = os.path.join(folder, "frames", "shot_")
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(folder, "shot.blend"))
+    fake = comfyui_fake.FakeComfyUI(root=Path(folder) / "comfy", step_s=0.01, steps=3).start()
+    try:
+        S.prefs().comfyui_servers = fake.url
+        # Held: the generations wait for the render, and say so.
+        render, *gens = tq.render_and_generate(prompt="as watercolour", seed=3, held=True, memory_mb=None)
+        S.pump().tick()
+        out["held_depends"] = [list(tq.get(g).depends_on) == [render] for g in gens]
+        tq.pause()  # nothing starts: the generations stay waiting on the render
+        tq.release([render, *gens])
+        out["waiting_texts"] = [panel.progress_text(tq.get(g)) for g in gens]
+        out["waiting_short"] = panel.short_progress_text(tq.get(gens[0]))
+        out["row_label"] = panel.row_label(tq.get(gens[0]))
+        out["cancel"] = S.op(bpy.ops.taskqueue.cancel, job_id=render, with_dependents=True)
+        out["cancelled"] = [tq.get(i).state.value for i in (render, *gens)]
+        tq.resume()
+        # Through the Generate panel: Input "Render Frames".
+        gen = scene.taskqueue_generate
+        gen.input_source, gen.prompt, gen.random_seed, gen.seed = "FRAMES", "as watercolour", False, 7
+        out["generate"] = S.op(bpy.ops.taskqueue.generate)
+        ids = [j.id for j in tq.jobs() if j.id not in (render, *gens)]
+        out["waited"] = tq.wait(ids, timeout=S.WAIT_S * 4)
+        infos = [tq.get(i) for i in ids]
+        out["kinds"] = sorted(i.kind for i in infos)
+        out["states"] = [i.state.value for i in infos]
+        out["errors"] = [i.error.message if i.error else None for i in infos]
+        out["uploads"] = sorted(fake.uploads)
+        out["datablocks"] = sorted(n for i in infos for n in (i.result or {}).get("datablocks", [])
+                                   if i.kind == "comfyui.prompt")
+        out["loaded"] = [n in bpy.data.images for n in out["datablocks"]]
+    finally:
+        fake.stop()
+    return out
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 if __name__ == "__main__":

@@ -55,3 +55,32 @@ def test_a_ui_format_workflow_is_a_clear_error_and_queues_nothing(generated):
     assert generated["bad_workflow"]["result"] is None
     assert "UI-format workflow" in generated["bad_workflow"]["error"]
     assert generated["bad_workflow_queued"] == 0
+
+
+@pytest.fixture(scope="module")
+def pipeline(run_bpy: Any, linux_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("pipeline")
+    report, _proc = run_bpy(SCRIPT, "pipeline", str(linux_zip), str(folder), timeout=200)
+    assert report is not None
+    return report
+
+
+def test_the_generations_of_a_pipeline_wait_for_the_render_and_say_so(pipeline):
+    assert pipeline["held_depends"] == [True, True]
+    assert pipeline["waiting_texts"] == ["waiting for 1 job", "waiting for 1 job"]
+    assert pipeline["waiting_short"] == "after 1"
+    assert pipeline["row_label"].startswith("› ")
+
+
+def test_cancelling_the_render_with_its_dependents_cancels_the_whole_chain(pipeline):
+    assert pipeline["cancel"] == {"result": ["FINISHED"], "error": None}
+    assert pipeline["cancelled"] == ["cancelled"] * 3
+
+
+def test_render_frames_then_img2img_each_frame_then_images_in_blender(pipeline):
+    assert pipeline["generate"]["result"] == ["FINISHED"], pipeline["generate"]
+    assert pipeline["waited"] is True
+    assert pipeline["kinds"] == ["blender.render", "comfyui.prompt", "comfyui.prompt"]
+    assert pipeline["states"] == ["completed"] * 3, pipeline["errors"]
+    assert len(pipeline["uploads"]) == 2 and all(u.startswith("shot_") for u in pipeline["uploads"])
+    assert len(pipeline["datablocks"]) == 2 and all(pipeline["loaded"])
