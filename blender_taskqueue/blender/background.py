@@ -7,7 +7,10 @@ Blender renders. The frames go where the scene's output path says, as a render
 from Blender would. The copy is made before the job exists, because the kind
 checks at submit that its file exists: it goes to ``copies/`` beside the jobs'
 work folders, the job's params name it, and it is deleted once every frame is
-written (or swept once no listed job renders it).
+written (or swept once no listed job renders it). The copy's own scripts may
+run in the background Blender only when Blender's rule trusts the open file
+(``handlers.file_is_trusted``: the job's ``trusted`` param); otherwise it renders
+with ``--disable-autoexec``.
 
 The job's log and output folder, and the tail of the log, are what the panel's
 details show for jobs that run external programs.
@@ -78,6 +81,7 @@ def render_current_file(
     label: Optional[str] = None,
     priority: Union[int, str] = "normal",
     memory_mb: Union[int, str, None] = "auto",
+    trusted: Optional[bool] = None,
     **options: Any,
 ) -> str:
     """Queue a background render of the open file; return the job id.
@@ -85,8 +89,10 @@ def render_current_file(
     Takes ``blender.render``'s params (``frame``, ``frame_start``/``frame_end``,
     ``scene``, ``output_dir``, ``format``, ...). ``memory_mb="auto"`` reserves this
     Blender's memory plus the render buffers, so two big renders never start
-    together; None reserves nothing. Other keywords go to ``submit``
-    (``timeout``, ``max_retries``, ``held``).
+    together; None reserves nothing. ``trusted=None`` lets the file's own scripts
+    run in the background Blender only if Blender trusts the open file (Auto Run
+    Python Scripts on, its folder not excluded); True or False decides it. Other
+    keywords go to ``submit`` (``timeout``, ``max_retries``, ``held``).
     """
     queue = runtime.engine()
     scene_obj = bpy.data.scenes.get(scene) if scene else bpy.context.scene
@@ -110,6 +116,7 @@ def render_current_file(
         "scene": scene_obj.name, "output_dir": output_dir, "format": format, "engine": engine,
         "samples": samples, "resolution_percentage": resolution_percentage,
         "blend_is_copy": True,
+        "trusted": _file_is_trusted() if trusted is None else trusted is True,
         # '//' in the copy (a compositor File Output node, say) means the user's folder.
         "relative_base": os.path.dirname(bpy.data.filepath) if bpy.data.filepath else None,
     }
@@ -128,6 +135,12 @@ def render_current_file(
         raise
     runtime.poke()
     return job
+
+
+def _file_is_trusted() -> bool:
+    from . import handlers
+
+    return handlers.file_is_trusted()
 
 
 def scene_output(scene: Any) -> tuple[Optional[str], Optional[str]]:

@@ -5,23 +5,52 @@ schema). Opening a file restores the jobs this session does not know yet:
 unfinished ones come back held (a file from elsewhere must never start jobs by
 itself) unless the file is trusted (Blender's Auto Run Python Scripts) and the
 auto-resume preference is on. Ids already known are not adopted twice.
+
+Trust follows Blender's own rule for the file's path (``trust.is_trusted``: Auto
+Run Python Scripts on and the file's folder not in Excluded Paths). A render job
+restored from a file that is not trusted also loses any ``trusted: true`` param,
+so the .blend it renders opens with its scripts off.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import bpy
 from bpy.app.handlers import persistent
 
 from ..engine.store import SidecarError
-from . import preferences, runtime
+from ..kinds import render
+from . import preferences, runtime, trust
 
 
 def file_is_trusted() -> bool:
-    prefs = bpy.context.preferences
-    return bool(prefs.filepaths.use_scripts_auto_execute) and not bpy.app.autoexec_fail  # type: ignore[union-attr]
+    """Whether Blender's auto-run rule trusts the open file, from its path: Auto Run
+    Python Scripts on, the file's folder in none of the Excluded Paths, and no
+    --disable-autoexec on Blender's command line. False for a file never saved,
+    one whose scripts Blender just blocked, and whenever something cannot be read
+    (when in doubt, held)."""
+    try:
+        prefs = bpy.context.preferences
+        if prefs is None or bpy.app.autoexec_fail or _autoexec_disabled_by_command_line():
+            return False
+        excluded = [(str(entry.path), bool(entry.use_glob)) for entry in prefs.autoexec_paths]
+        return trust.is_trusted(
+            bpy.data.filepath, bool(prefs.filepaths.use_scripts_auto_execute), excluded,
+            windows=sys.platform == "win32",
+        )
+    except Exception:  # a preference that is not there (an old Blender), say
+        return False
+
+
+def _autoexec_disabled_by_command_line() -> bool:
+    """``blender -Y`` / ``--disable-autoexec`` overrides the preference for the session."""
+    argv = list(getattr(sys, "argv", None) or [])
+    if "--" in argv:
+        argv = argv[: argv.index("--")]  # what follows belongs to the script
+    return "--disable-autoexec" in argv or "-Y" in argv
 
 
 @persistent
@@ -44,14 +73,18 @@ def load_post(*_args: Any) -> None:
         return
     prefs = preferences.preferences()
     auto = bool(prefs.auto_resume) if prefs is not None else False
-    hold = not (auto and file_is_trusted())
+    trusted = file_is_trusted()
+    hold = not (auto and trusted)
     name = bpy.path.basename(bpy.data.filepath) or "the opened file"
     for scene in bpy.data.scenes:
         raw = scene.taskqueue_saved  # type: ignore[attr-defined]
         if not raw:
             continue
         try:
-            recovery = pump.engine.import_state(json.loads(raw), source=name, hold=hold)
+            document = json.loads(raw)
+            if not trusted:
+                trust.reset_trusted(document, render.KIND)
+            recovery = pump.engine.import_state(document, source=name, hold=hold)
         except (ValueError, SidecarError) as exc:
             pump.mirror.notices.append((0.0, "error", f"The queue saved in {name} is damaged: {exc}"))
             continue
