@@ -7,9 +7,9 @@ enabling and disabling the add-on any number of times leaves nothing behind.
 
 from __future__ import annotations
 
-from . import generate, handlers, operators, panel, preferences, props, runtime
+from . import generate, handlers, operators, panel, preferences, props, runtime, statusbar
 
-_modules = (props, preferences, operators, panel, generate)
+_modules = (props, preferences, operators, panel, generate, statusbar)
 
 
 def register() -> None:

@@ -356,8 +356,10 @@ def scenario_surface() -> dict[str, Any]:
                             "poll": bool(fn.poll())}
     operators = sub("blender.operators")
     generate = sub("blender.generate")
+    statusbar = sub("blender.statusbar")
     out["op_classes"] = {c.__name__: [c.bl_idname, bool(c.is_registered)]
-                         for c in (*operators.classes, *generate.classes) if c.__name__.startswith("TASKQUEUE_OT_")}
+                         for c in (*operators.classes, *generate.classes, *statusbar.classes)
+                         if c.__name__.startswith("TASKQUEUE_OT_")}
     out["wm_property"] = hasattr(bpy.types.WindowManager, "taskqueue") and hasattr(
         bpy.context.window_manager, "taskqueue")
     out["scene_property"] = hasattr(bpy.context.scene, "taskqueue_saved")

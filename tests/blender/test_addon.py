@@ -28,7 +28,7 @@ MODULE = "bl_ext.user_default.blender_taskqueue"
 OPERATORS = {
     "cancel", "retry", "retry_with_changes", "move", "release", "discard_held", "dismiss_notice",
     "clear_finished", "pause", "resume", "show_traceback", "notify", "submit_demo",
-    "open_output", "render_in_background", "generate", "open_image",
+    "open_output", "render_in_background", "generate", "open_image", "show_panel",
 }
 ACTIVE_S = 0.1
 IDLE_S = 0.5
