@@ -4,12 +4,14 @@ or on the queue, and answers bad input with a report that names the problem."""
 from __future__ import annotations
 
 import json
+import textwrap
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import bpy
 
 from .. import api
-from ..engine import JobInfo, TaskQueueError
+from ..engine import JobInfo, TaskQueueError, registry
 from . import runtime
 
 
@@ -226,40 +228,259 @@ class TASKQUEUE_OT_move(_JobOperator, bpy.types.Operator):
         return {"FINISHED"}
 
 
-class TASKQUEUE_OT_release(_JobOperator, bpy.types.Operator):
-    """Let held jobs run (the given one, or every held job)"""
+# ---- release: what each held job will run, shown before it runs
+
+RELEASE_DIALOG_WIDTH = 760  # px at 1x; Blender scales it with the UI
+RELEASE_DIALOG_CHARS = 105  # characters of the dialog's font that fit in that width
+RELEASE_DIALOG_LINES = 44  # more than this and the dialog would leave the screen
+RELEASE_TEXT_NAME = "Task Queue: what will run"
+_described: dict[str, list[str]] = {}  # shown_ids -> the lines the dialog shows
+
+
+def held_targets(engine: Any, job_id: str = "") -> list[JobInfo]:
+    """The jobs a release would let run: ``job_id``'s (if held), else every held job.
+
+    Raises:
+        KeyError: ``job_id`` is unknown.
+    """
+    if job_id:
+        info = engine.get(job_id)
+        return [info] if info.held else []
+    return [i for i in engine.jobs(["queued"]) if i.held]
+
+
+def what_will_run(infos: list[JobInfo]) -> list[str]:
+    """Everything each job will do once released, in full, as lines a person reads:
+    its kind's ``what_it_runs`` (the resolved program, every argument, environment
+    changes, files written), and the job's own limits. Never raises."""
+    lines: list[str] = []
+    for n, info in enumerate(infos, 1):
+        if n > 1:
+            lines.append("")
+        lines.append(f"{n}. '{info.label}': kind {info.kind}, id {info.id}, priority {info.priority}")
+        limits = []
+        if info.timeout:
+            limits.append(f"stopped after {info.timeout:g} s")
+        if info.max_retries:
+            limits.append(f"tried up to {info.max_retries + 1} times")
+        if info.memory_mb:
+            limits.append(f"waits for {info.memory_mb} MB of free memory")
+        if info.depends_on:
+            limits.append("runs after " + ", ".join(str(d) for d in info.depends_on))
+        if limits:
+            lines.append("   " + "; ".join(limits))
+        spec = registry.find(info.kind)
+        params = dict(info.params) if isinstance(info.params, Mapping) else {}
+        if spec is None:
+            lines.append(f"   kind {info.kind!r} is not registered: it stays held until the add-on that "
+                         "provides it is enabled. Its params:")
+            lines += [f"   {k} = {json.dumps(v, default=repr)}" for k, v in sorted(params.items())]
+            continue
+        try:
+            described = spec.what_it_runs(params)
+        except Exception as exc:  # what_it_runs never raises; this is belt and braces for the dialog
+            described = [f"(cannot describe it: {type(exc).__name__}: {exc})"]
+        lines += ["   " + line for line in described]
+    return lines
+
+
+def wrap_lines(lines: list[str], width: int) -> list[str]:
+    """``lines`` cut to ``width`` characters without losing any: a long line goes on
+    over as many indented lines as it needs (long paths are broken too)."""
+    out: list[str] = []
+    for line in lines:
+        line = line.replace("\t", "    ").replace("\r", "\\r").replace("\n", "\\n")
+        indent = " " * (len(line) - len(line.lstrip(" ")))
+        out += textwrap.wrap(line, max(20, width), subsequent_indent=indent + "    ", break_long_words=True,
+                             break_on_hyphens=False) or [""]
+    return out
+
+
+def _describe_cached(key: str, engine: Any) -> list[str]:
+    lines = _described.get(key)
+    if lines is None:
+        infos = []
+        for job_id in _ids_of(key):
+            try:
+                infos.append(engine.get(job_id))
+            except KeyError:
+                continue
+        lines = what_will_run(infos)
+        if len(_described) > 16:
+            _described.clear()
+        _described[key] = lines
+    return lines
+
+
+def _ids_of(shown_ids: str) -> list[str]:
+    try:
+        ids = json.loads(shown_ids) if shown_ids else []
+    except ValueError:
+        return []
+    return [str(i) for i in ids] if isinstance(ids, list) else []
+
+
+class TASKQUEUE_OT_release(bpy.types.Operator):
+    """Let held jobs run: this one, or every held job. From the panel, first shows
+    exactly what each will run and asks"""
 
     bl_idname = "taskqueue.release"
     bl_label = "Release Held Jobs"
+
+    job_id: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Job", description="The held job to release (empty: every held job)", options={"SKIP_SAVE"},
+    )
+    shown_ids: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Shown Jobs", description="The jobs the confirmation showed (JSON list): only these are released",
+        options={"SKIP_SAVE", "HIDDEN"},
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return api.shared_engine_or_none() is not None
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        try:
+            infos = held_targets(engine, self.job_id)
+        except KeyError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if not infos or context.window is None or bpy.app.background:
+            return self.execute(context)  # nothing to show, or nobody to show it to
+        self.shown_ids = json.dumps([i.id for i in infos])
+        _described.pop(self.shown_ids, None)
+        _describe_cached(self.shown_ids, engine)  # resolved once, now: the dialog shows this
+        title = f"Release '{infos[0].label}'?" if len(infos) == 1 else f"Release {len(infos)} held jobs?"
+        wm: Any = context.window_manager
+        try:
+            return wm.invoke_props_dialog(self, width=RELEASE_DIALOG_WIDTH, title=title, confirm_text="Release")  # type: ignore[no-any-return]
+        except TypeError:  # Blender before 4.1: no title or confirm_text
+            return wm.invoke_props_dialog(self, width=RELEASE_DIALOG_WIDTH)  # type: ignore[no-any-return]
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout: Any = self.layout
+        engine = api.shared_engine_or_none()
+        if engine is None:
+            layout.label(text="Task Queue is not running", icon="ERROR")
+            return
+        lines = wrap_lines(_describe_cached(self.shown_ids, engine), RELEASE_DIALOG_CHARS)
+        layout.label(text="Each job runs exactly this once released (nothing has run yet):", icon="INFO")
+        col = layout.box().column(align=True)
+        col.scale_y = 0.85
+        for line in lines[:RELEASE_DIALOG_LINES]:
+            sub = col.row(align=True)
+            sub.alert = "WARNING" in line
+            sub.label(text=line)
+        row = layout.row()
+        if len(lines) > RELEASE_DIALOG_LINES:
+            row.alert = True
+            row.label(text=f"{len(lines) - RELEASE_DIALOG_LINES} more lines are not shown here: read them "
+                           "in the Text Editor before releasing", icon="ERROR")
+            row = layout.row()
+        op = row.operator("taskqueue.release_details", text="Write It All to a Text Block", icon="TEXT")
+        op.shown_ids = self.shown_ids
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         engine = _engine_or_report(self)
         if engine is None:
             return {"CANCELLED"}
-        count = _run(self, engine.release, self.job_id or None)
-        if count is None:
-            return {"CANCELLED"}
-        self.report({"INFO"}, f"Released {count} job(s)")
+        problems: list[str] = []
+        if not self.shown_ids:  # a script, or nothing to confirm: as asked
+            count = _run(self, engine.release, self.job_id or None)
+            if count is None:
+                return {"CANCELLED"}
+        else:  # exactly the jobs the dialog showed, each on its own
+            count = 0
+            for job_id in _ids_of(self.shown_ids):
+                try:
+                    count += engine.release([job_id])
+                except (TaskQueueError, KeyError, ValueError) as exc:
+                    problems.append(str(exc))
+            _described.pop(self.shown_ids, None)
+            if problems:
+                self.report({"WARNING"}, f"Released {count} job(s); not released: " + "; ".join(problems))
+        if not problems:
+            self.report({"INFO"}, f"Released {count} job(s)")
         runtime.dismiss_recovery()
         runtime.poke()
         return {"FINISHED"}
 
 
-class TASKQUEUE_OT_discard_held(bpy.types.Operator):
-    """Cancel every held job (e.g. jobs restored from a file you do not want to run)"""
+class TASKQUEUE_OT_release_details(bpy.types.Operator):
+    """Write what the held jobs will run, in full, into a text block to read in the Text Editor"""
 
-    bl_idname = "taskqueue.discard_held"
-    bl_label = "Discard Held Jobs"
+    bl_idname = "taskqueue.release_details"
+    bl_label = "What Held Jobs Will Run"
+
+    job_id: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Job", description="The held job to describe (empty: every held job)", options={"SKIP_SAVE"},
+    )
+    shown_ids: bpy.props.StringProperty(options={"SKIP_SAVE", "HIDDEN"})  # type: ignore[valid-type]
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return api.shared_engine_or_none() is not None
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         engine = _engine_or_report(self)
         if engine is None:
             return {"CANCELLED"}
-        held = [i.id for i in engine.jobs(["queued"]) if i.held]
+        if self.shown_ids:
+            lines = _describe_cached(self.shown_ids, engine)
+        else:
+            try:
+                lines = what_will_run(held_targets(engine, self.job_id))
+            except KeyError as exc:
+                self.report({"ERROR"}, str(exc))
+                return {"CANCELLED"}
+        if not lines:
+            self.report({"WARNING"}, "No held jobs to describe")
+            return {"CANCELLED"}
+        text = bpy.data.texts.get(RELEASE_TEXT_NAME) or bpy.data.texts.new(RELEASE_TEXT_NAME)
+        text.clear()
+        text.write("What these held jobs will run once released (nothing has run yet).\n"
+                   "Release them from the Task Queue panel, or discard them.\n\n" + "\n".join(lines) + "\n")
+        shown = False
+        for area in (context.screen.areas if context.screen is not None else ()):
+            if area.type == "TEXT_EDITOR":
+                area.spaces.active.text = text  # type: ignore[union-attr]
+                shown = True
+                break
+        where = "shown in the Text Editor" if shown else "open it in a Text Editor"
+        self.report({"INFO"}, f"Wrote {len(lines)} lines to the text '{RELEASE_TEXT_NAME}' ({where})")
+        return {"FINISHED"}
+
+
+class TASKQUEUE_OT_discard_held(bpy.types.Operator):
+    """Cancel a held job, or every held job (e.g. jobs restored from a file you do not want to run)"""
+
+    bl_idname = "taskqueue.discard_held"
+    bl_label = "Discard Held Jobs"
+
+    job_id: bpy.props.StringProperty(  # type: ignore[valid-type]
+        name="Job", description="The held job to discard (empty: every held job)", options={"SKIP_SAVE"},
+    )
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        engine = _engine_or_report(self)
+        if engine is None:
+            return {"CANCELLED"}
+        try:
+            held = [i.id for i in held_targets(engine, self.job_id)]
+        except KeyError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if self.job_id and not held:
+            self.report({"ERROR"}, f"job {self.job_id!r} is not held")
+            return {"CANCELLED"}
         for job_id in held:
             engine.cancel(job_id)
         self.report({"INFO"}, f"Discarded {len(held)} held job(s)")
-        runtime.dismiss_recovery()
+        if not self.job_id or not held_targets(engine):
+            runtime.dismiss_recovery()
         runtime.poke()
         return {"FINISHED"}
 
@@ -504,6 +725,7 @@ classes = (
     TASKQUEUE_OT_retry_with_changes,
     TASKQUEUE_OT_move,
     TASKQUEUE_OT_release,
+    TASKQUEUE_OT_release_details,
     TASKQUEUE_OT_discard_held,
     TASKQUEUE_OT_dismiss_notice,
     TASKQUEUE_OT_clear_finished,

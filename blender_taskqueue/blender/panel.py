@@ -197,6 +197,9 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         right = split.row(align=True)
         right.alert = left.alert
         _progress(right, info, short=narrow)
+        if info.held and info.state is _S.QUEUED:  # each held job can be let go (after a look) or dropped
+            right.operator("taskqueue.release", text="", icon="PLAY", emboss=False).job_id = info.id
+            right.operator("taskqueue.discard_held", text="", icon="TRASH", emboss=False).job_id = info.id
 
     def filter_items(self, context: Any, data: Any, propname: str) -> tuple[list[int], list[int]]:  # type: ignore[override]
         rows = getattr(data, propname)
@@ -401,10 +404,41 @@ class VIEW3D_PT_taskqueue_details(bpy.types.Panel):
             col.operator("taskqueue.retry", icon="FILE_REFRESH").job_id = info.id
             col.operator("taskqueue.retry_with_changes", text="Retry with Changes…",
                          icon="GREASEPENCIL").job_id = info.id
+        elif info.held:
+            _will_run_box(layout, info)
+            row = layout.row(align=True)
+            row.operator("taskqueue.release", text="Release…", icon="PLAY").job_id = info.id
+            row.operator("taskqueue.discard_held", text="Discard", icon="TRASH").job_id = info.id
         else:
             row.operator("taskqueue.cancel", icon="X").job_id = info.id
-            if info.held:
-                row.operator("taskqueue.release", text="Release", icon="PLAY").job_id = info.id
+
+
+_will_run: dict[str, list[str]] = {}  # job id -> what it runs (resolving the program once, not per redraw)
+WILL_RUN_LINES = 12
+
+
+def _will_run_box(layout: Any, info: JobInfo) -> None:
+    """A held job's details: what it will run once released, as much as the sidebar
+    has room for; the whole text is a click away (and in the Release dialog)."""
+    from . import operators
+
+    lines = _will_run.get(info.id)
+    if lines is None:
+        if len(_will_run) > 32:
+            _will_run.clear()
+        lines = _will_run[info.id] = operators.what_will_run([info])[1:]  # the header is above already
+    wrapped = operators.wrap_lines([line.strip() for line in lines], _chars_per_line)
+    box = layout.box()
+    box.label(text="Runs when released", icon="CONSOLE")
+    col = box.column(align=True)
+    col.scale_y = 0.8
+    for line in wrapped[:WILL_RUN_LINES]:
+        sub = col.row(align=True)
+        sub.alert = "WARNING" in line
+        sub.label(text=line)
+    more = len(wrapped) - WILL_RUN_LINES
+    text = f"All of It ({more} more lines)" if more > 0 else "As Text"
+    box.operator("taskqueue.release_details", text=text, icon="TEXT").job_id = info.id
 
 
 def _pipeline_lines(layout: Any, engine: Any, info: JobInfo) -> None:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.blender, pytest.mark.timeout(180)]
 
 MODULE = "bl_ext.user_default.blender_taskqueue"
 OPERATORS = {
-    "cancel", "retry", "retry_with_changes", "move", "release", "discard_held", "dismiss_notice",
+    "cancel", "retry", "retry_with_changes", "move", "release", "release_details", "discard_held", "dismiss_notice",
     "clear_finished", "pause", "resume", "show_traceback", "notify", "submit_demo",
     "open_output", "render_in_background", "generate", "open_image", "show_panel",
 }
