@@ -135,6 +135,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "render_overhead_ratio": ("max", 1.5),
     "cancel_stop_ms": ("max", 1000.0),
     "comfyui_overhead_ratio": ("max", 1.1),
+    "pipeline_throughput_ratio": ("min", 0.8),
+    "submit_depends_p99_us": ("max", 50.0),
 }
 
 
@@ -725,6 +727,98 @@ class Bench:
 
     # ----------------------------------------------------------------------- drain_events
 
+    # ----------------------------------------------------------------------- pipelines
+
+    def _pipeline_round(self, n: int, chain: int) -> float:
+        """Dispatch rate (jobs/s) of ``n`` no-op jobs in chains of ``chain`` (each after
+        the one before; 1 = independent jobs): queued by one submit_many into a paused
+        engine, timed from resume() to the last one finished. (Submit's own cost with
+        depends_on is the next figure.)"""
+        with self.engine(4, paused=True) as engine:
+            specs = [
+                {"kind": NOOP_KIND, "name": f"s{i}",
+                 **({"depends_on": [f"@s{i - 1}"]} if i % chain else {})}
+                for i in range(n)
+            ]
+            ids = engine.submit_many(specs)
+            gc.collect()
+            t0 = time.perf_counter()
+            engine.resume()
+            finished = engine.wait(ids, timeout=WAIT_TIMEOUT_S)
+            elapsed = time.perf_counter() - t0
+            if not finished:
+                raise RuntimeError(f"engine did not finish {n} jobs in chains of {chain}")
+            if engine.stats().completed != n:
+                raise RuntimeError(f"not every job completed: {engine.stats()}")
+        return n / elapsed
+
+    def pipelines(self, report: Report) -> None:
+        n, rounds, chain = self.sizes.throughput_jobs, self.sizes.throughput_rounds, 10
+        chained: list[float] = []
+        flat: list[float] = []
+        small: list[float] = []
+        for r in range(rounds):
+            _log(self.quiet, f"pipelines round {r + 1}/{rounds} ({n} jobs in chains of {chain}, "
+                             f"{n} independent, {n // 5} in chains)")
+            if r % 2 == 0:
+                chained.append(self._pipeline_round(n, chain))
+                flat.append(self._pipeline_round(n, 1))
+            else:
+                flat.append(self._pipeline_round(n, 1))
+                chained.append(self._pipeline_round(n, chain))
+            small.append(self._pipeline_round(n // 5, chain))
+        ratios = [c / f for c, f in zip(chained, flat, strict=True)]
+        report.add(Figure(
+            "pipeline_jobs_per_s", f"dispatch, {n:,} no-op jobs in chains of {chain} vs independent",
+            "jobs/s", statistics.median(chained), statistics.median(flat),
+            target="pipeline_throughput_ratio",
+            note=f"round ratios {min(ratios):.2f}..{max(ratios):.2f}" if rounds > 1 else "",
+            paired_ratio=statistics.median(ratios),
+        ))
+        scaling = [c / s_ for c, s_ in zip(chained, small, strict=True)]
+        report.add(Figure(
+            "pipeline_scaling", f"dispatch in chains, {n:,} jobs vs {n // 5:,} (1.0 = flat cost)",
+            "jobs/s", statistics.median(chained), statistics.median(small),
+            paired_ratio=statistics.median(scaling),
+        ))
+        # Submit latency with depends_on (an earlier queued job) against plain submit,
+        # in a paused engine holding the same number of jobs.
+        ns = time.perf_counter_ns
+        rng = random.Random(7)
+        n = min(n, 4000)  # plain + linked + a 1001-job chain stay below max_queued
+        with self.engine(4, paused=True) as engine:
+            submit = engine.submit
+            plain = [0] * n
+            ids = [""] * n
+            for i in range(n):
+                t0 = ns()
+                ids[i] = submit(NOOP_KIND)
+                plain[i] = ns() - t0
+            linked = [0] * n
+            for i in range(n):
+                dep = [ids[rng.randrange(n)]]
+                t0 = ns()
+                submit(NOOP_KIND, depends_on=dep)
+                linked[i] = ns() - t0
+            # Failing one prerequisite of a long chain: the cascade's cost.
+            root = submit(NOOP_KIND)
+            prev = root
+            for _ in range(1000):
+                prev = submit(NOOP_KIND, depends_on=[prev])
+            t0 = ns()
+            engine.cancel(root)
+            cascade_ms = (ns() - t0) / 1e6
+        report.add(Figure("submit_depends_p99_us", f"submit p99 with depends_on ({n:,} queued)", "us",
+                          _us(linked, 0.99), _us(plain, 0.99), target="submit_depends_p99_us"))
+        report.details["pipelines"] = {
+            "chained_jobs_per_s": [_round(x) for x in chained],
+            "small_chained_jobs_per_s": [_round(x) for x in small],
+            "independent_jobs_per_s": [_round(x) for x in flat],
+            "submit_p50_us": {"depends_on": _round(_us(linked, 0.5)), "plain": _round(_us(plain, 0.5))},
+            "cancel_root_of_1000_chain_ms": _round(cascade_ms),
+        }
+        _log(self.quiet, f"cancelling the root of a 1000-job chain: {cascade_ms:.1f} ms")
+
     def drain(self, report: Report) -> None:
         jobs, iterations = self.sizes.progress_jobs, self.sizes.progress_iterations
         interval = self.sizes.pump_interval_s
@@ -1270,7 +1364,7 @@ def report_json(report: Report, elapsed_s: float) -> str:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = ("throughput", "latency", "memory", "drain", "sidecar", "process_run", "blender_render", "comfyui", "cluster")
+SECTIONS = ("throughput", "latency", "pipelines", "memory", "drain", "sidecar", "process_run", "blender_render", "comfyui", "cluster")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -1304,6 +1398,7 @@ def run(args: argparse.Namespace) -> Report:
     sections: list[tuple[str, Callable[[Report], None]]] = [
         ("throughput", bench.throughput),
         ("latency", bench.latencies),
+        ("pipelines", bench.pipelines),
         ("memory", bench.memory),
         ("drain", bench.drain),
         ("sidecar", bench.sidecar),

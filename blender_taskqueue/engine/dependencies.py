@@ -65,7 +65,10 @@ class Dependencies:
 
     def take(self, job_id: str) -> list[JobRecord]:
         """The queued jobs that still wait on ``job_id`` (which just ended), removed."""
-        return [j for j in self._waiting_on.pop(job_id, ()) if _waits_on(j, job_id)]
+        waiters = self._waiting_on.pop(job_id, None)
+        if not waiters:
+            return []
+        return [j for j in waiters if j.in_queue and (w := j.waiting) is not None and job_id in w]
 
     def take_closure(self, job_id: str) -> list[tuple[JobRecord, str]]:
         """Every queued job that waits on ``job_id``, directly or through others, each
@@ -128,7 +131,12 @@ def plan_links(
     """
     links: list[Link] = []
     internal: list[list[int]] = []
+    none = Link((), {}, {})  # shared by the jobs without edges: plan_links' callers only read it
     for i, job in enumerate(jobs):
+        if not refs[i]:
+            links.append(none)
+            internal.append([])
+            continue
         ids: dict[str, None] = {}
         waiting: dict[str, None] = {}
         inputs: dict[str, Any] = {}

@@ -1439,7 +1439,8 @@ class Engine:
         """``job`` just ended: its dependents get its result (and may become ready),
         or, if it did not complete, fail with it (and theirs with them)."""
         if job.state is _S.COMPLETED:
-            woke = False
+            woke = 0
+            events, store = self._events, self._store
             for dep in self._deps.take(job.id):
                 waiting = dep.waiting
                 assert waiting is not None
@@ -1449,13 +1450,17 @@ class Engine:
                 dep.inputs[job.id] = job.result
                 if not waiting:
                     dep.waiting = None
-                    if dep.may_run():
+                    if not (dep.held or dep.time_pending or dep.backoff_until is not None):
                         self._scheduler.set_ready(dep, True)
-                        woke = True
-                self._events.progress(dep)
-                self._changed_locked(dep, urgent=True)
-            if woke:
-                self._work_cv.notify_all()
+                        woke += 1
+                events.progress(dep)  # "waiting for 2 jobs" -> "1 job" -> "queued"
+                if store is not None:
+                    self._dirty.add(dep)
+            self.state_version += 1
+            if store is not None:
+                store.mark(True)
+            if woke and self._pool.idle:  # wake as many idle workers as there is new work, no more
+                self._work_cv.notify(min(woke, self._pool.idle))
             return
         root = job.root_cause or (job.id, job.state.value)
         origin = self._jobs.get(root[0])

@@ -83,7 +83,7 @@ def resolve_inputs(job: JobRecord, workdir_for: Callable[[str], Path]) -> dict:
         if pid not in inputs:
             continue
         value = inputs[pid]
-        if is_result_file(value):
+        if type(value) is dict and "$file" in value and is_result_file(value):
             try:
                 value = read_result_file(workdir_for(pid) / RESULT_FILE)
             except (OSError, ValueError, RecursionError) as exc:

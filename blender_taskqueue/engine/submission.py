@@ -148,31 +148,37 @@ def dependency_refs(value: Any, *, batch: bool) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (dict, bytes, bytearray)):
-        raise InvalidParams(f"depends_on must be a job id or a list of job ids, got {type(value).__name__}")
-    try:
-        items = list(itertools.islice(iter(value), MAX_DEPENDENCIES + 1))
-    except TypeError:
-        raise InvalidParams(f"depends_on must be a job id or a list of job ids, got {value!r}"[:300]) from None
-    if len(items) > MAX_DEPENDENCIES:
-        raise InvalidParams(f"depends_on may name at most {MAX_DEPENDENCIES} jobs")
+        items: list = [value]
+    elif type(value) is list or type(value) is tuple:  # the usual case: no copy via islice
+        items = value  # type: ignore[assignment]
+        if len(items) > MAX_DEPENDENCIES:
+            raise InvalidParams(f"depends_on may name at most {MAX_DEPENDENCIES} jobs")
+    else:
+        if isinstance(value, (dict, bytes, bytearray)):
+            raise InvalidParams(f"depends_on must be a job id or a list of job ids, got {type(value).__name__}")
+        try:
+            items = list(itertools.islice(iter(value), MAX_DEPENDENCIES + 1))
+        except TypeError:
+            raise InvalidParams(f"depends_on must be a job id or a list of job ids, got {value!r}"[:300]) from None
+        if len(items) > MAX_DEPENDENCIES:
+            raise InvalidParams(f"depends_on may name at most {MAX_DEPENDENCIES} jobs")
+    match = JOB_ID.fullmatch
     for item in items:
-        if not isinstance(item, str):
-            raise InvalidParams(f"depends_on entries must be job ids (str), got {item!r}"[:300])
-        if item.startswith(BATCH_REF):
+        if type(item) is not str:
+            if not isinstance(item, str):
+                raise InvalidParams(f"depends_on entries must be job ids (str), got {item!r}"[:300])
+        if item[:1] == BATCH_REF:
             if not batch:
                 raise InvalidParams(
                     f"depends_on: {item!r} is a reference to a job of a submit_many batch "
                     "('@name'); submit() takes job ids"[:300]
                 )
-            problem = name_error(item[1:])
-            if problem:
-                raise InvalidParams(f"depends_on: {item!r}: {problem}"[:300])
-        else:
-            problem = job_id_error(item)
-            if problem:
-                raise InvalidParams(f"depends_on: {problem}")
+            if match(item, 1) is None:
+                raise InvalidParams(f"depends_on: {item!r}: {name_error(item[1:])}"[:300])
+        elif match(item) is None:
+            raise InvalidParams(f"depends_on: {job_id_error(item)}")
+    if len(items) == 1:
+        return (items[0],)
     return tuple(dict.fromkeys(items))
 
 
