@@ -40,6 +40,9 @@ FILTERS = {
     "FINISHED": {_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.INTERRUPTED},
 }
 NOTICE_SECONDS = 30.0
+# A narrow row's share for its bar: room for a stage and an ETA ("frame 6/48 · 7s").
+NARROW_BAR_SHARE = 0.5
+NARROW_BAR_CHARS = 0.4  # of a sidebar line's characters: what the bar's text has room for
 
 
 def state_icon(info: JobInfo) -> str:
@@ -164,9 +167,23 @@ def _wrapped(layout: Any, text: str, width: int = 0, icon: str = "NONE", limit: 
                      icon=icon if i == 0 else "BLANK1" if icon != "NONE" else "NONE")
 
 
+def narrow_bar_text(info: JobInfo, chars: int) -> str:
+    """A running job's bar in a narrow row: the bar's fill already shows how far, so
+    its text says the stage and the ETA ("frame 6/48 · 7s"), or the percentage instead
+    of a stage that does not fit."""
+    eta = format_eta(info.eta_seconds)
+    stage = info.stage or ""
+    if not stage or len(stage) + (len(eta) + 3 if eta else 0) > chars:
+        stage = f"{info.progress * 100:.0f}%"  # a cut stage reads worse than none
+    return f"{stage} · {eta}" if eta else stage
+
+
 def _progress(layout: Any, info: JobInfo, short: bool = False) -> None:
     factor = 1.0 if info.state is _S.COMPLETED else info.progress
     text = short_progress_text(info) if short else progress_text(info)
+    running = info.state in (_S.RUNNING, _S.DISPATCHED) and not info.cancel_pending and not info.held
+    if short and running and hasattr(layout, "progress"):
+        text = narrow_bar_text(info, int(_chars_per_line * NARROW_BAR_CHARS))
     if hasattr(layout, "progress"):  # Blender 4.0+
         layout.progress(factor=factor, type="BAR", text=text)
     elif info.state.is_terminal or info.state is _S.QUEUED or short:  # 3.4-3.6: no bars
@@ -190,7 +207,7 @@ class TASKQUEUE_UL_jobs(bpy.types.UIList):
         # right column says the state in a word ("42%", "queued", "failed"), so the state
         # icon goes. A wide sidebar has room for the icon, the stage and the ETA.
         narrow = _measure(context) < 48
-        split = layout.split(factor=0.58 if narrow else 0.5, align=True)
+        split = layout.split(factor=(1.0 - NARROW_BAR_SHARE) if narrow else 0.5, align=True)
         left = split.row(align=True)
         left.alert = info.state in (_S.FAILED, _S.INTERRUPTED)
         left.label(text=row_label(info), icon="NONE" if narrow else state_icon(info))
