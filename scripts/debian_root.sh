@@ -29,8 +29,10 @@ SUITE=trixie
 # A mirror only if one is asked for (TASKQUEUE_DEBIAN_MIRROR=URL); otherwise debootstrap
 # uses its own default.
 MIRROR="${TASKQUEUE_DEBIAN_MIRROR:-}"
-# Without the Mesa DRI drivers Blender's window draws black under Xvfb.
-PACKAGES=(blender xvfb xauth libgl1-mesa-dri libglx-mesa0 python3)
+# Without the Mesa DRI drivers Blender's window draws black under Xvfb. xwd (x11-apps):
+# Blender 4.3's own screenshot reads its front buffer, black with Mesa 25's llvmpipe
+# under Xvfb although the X server shows the window, so gui_check.py asks the X server.
+PACKAGES=(blender xvfb xauth libgl1-mesa-dri libglx-mesa0 python3 x11-apps)
 STAMP_NAME=.taskqueue-root
 STAMP_TEXT="suite=$SUITE packages=${PACKAGES[*]}"
 ROOT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -100,6 +100,7 @@ with the main window as context, which is all these operators need.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -121,7 +122,13 @@ PACKAGE = "blender_taskqueue"
 WIDTH, HEIGHT = 1600, 900
 DEFAULT_TIMEOUT_S = 240.0
 RESULT_NAME = "result.json"
-SHOT_MOMENTS = ("idle", "busy", "failure", "done", "render")
+SHOT_MOMENTS = ("idle", "busy", "failure", "done", "render", "generate")
+# The two tiers: Debian 12's Blender 3.4 on this machine, the add-on loaded the legacy
+# way; Debian 13's Blender 4.3 in a root made by scripts/debian_root.sh, the extension
+# zip installed by Blender's own extension installer.
+TIERS = ("3.4", "4.3")
+DEBIAN_ROOT = ROOT / "scripts" / "debian_root.sh"
+EXTENSION_MODULE = f"bl_ext.user_default.{PACKAGE}"  # where Blender 4.2+ loads the extension
 
 EXIT_OK, EXIT_FAILED, EXIT_MISSING = 0, 1, 2
 
@@ -349,34 +356,117 @@ def summary_lines(result: dict) -> list[str]:
     return out
 
 
+def debian_root() -> Optional[Path]:
+    """The built Debian 13 root (scripts/debian_root.sh), or None."""
+    proc = subprocess.run(["bash", str(DEBIAN_ROOT), "path"], capture_output=True, text=True)
+    path = Path(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+    return path if path is not None and path.is_dir() else None
+
+
+def root_env(inner: str) -> dict[str, str]:
+    """The throwaway profile inside the root, at ``inner`` (a path as the root sees it):
+    Blender 4.2+ keeps config, scripts and extensions under BLENDER_USER_RESOURCES."""
+    return {
+        "HOME": f"{inner}/home",
+        "XDG_CONFIG_HOME": f"{inner}/config",
+        "XDG_DATA_HOME": f"{inner}/data",
+        "XDG_STATE_HOME": f"{inner}/state",
+        "XDG_CACHE_HOME": f"{inner}/cache",
+        "TMPDIR": f"{inner}/tmp",
+        "BLENDER_USER_RESOURCES": f"{inner}/resources",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def in_root(env: dict[str, str], *cmd: str) -> list[str]:
+    """``cmd`` run inside the root, in its own network namespace (its X server and the
+    fake ComfyUI server cannot collide with anything on this machine)."""
+    return ["bash", str(DEBIAN_ROOT), "run", "--no-network", "--", "env",
+            *(f"{k}={v}" for k, v in env.items()), *cmd]
+
+
+def install_extension(root: Path, work: Path, inner: str, env: dict[str, str], log: Path) -> str:
+    """Build the linux-x64 zip and install it with Blender's own installer into the
+    profile, enabled; returns what the installer printed."""
+    dist = work / "dist"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_extension.py"), "--out", str(dist),
+                           "--platform", "linux-x64"], capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    zips = sorted(dist.glob("*-linux_x64.zip"))
+    if proc.returncode != 0 or not zips:
+        raise RuntimeError(f"build_extension.py failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    inner_zip = f"{inner}/dist/{zips[0].name}"
+    proc = subprocess.run(in_root(env, "blender", "--command", "extension", "install-file",
+                                  "-r", "user_default", "--enable", inner_zip),
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    text = proc.stdout + proc.stderr
+    log.write_text(text, encoding="utf-8")
+    if proc.returncode != 0 or "Installed" not in text:
+        raise RuntimeError(f"Blender's extension installer failed ({proc.returncode}):\n{text[-3000:]}")
+    return text
+
+
 def launch(args: argparse.Namespace) -> int:
-    blender = shutil.which("blender")
-    xvfb = shutil.which("xvfb-run")
-    if blender is None or xvfb is None:
-        missing = [n for n, p in (("blender", blender), ("xvfb-run", xvfb)) if p is None]
-        print(f"gui_check: {' and '.join(missing)} not found (apt-get install blender xvfb xauth)",
-              file=sys.stderr)
-        return EXIT_MISSING
+    root: Optional[Path] = None
+    if args.tier == "3.4":
+        blender = shutil.which("blender")
+        xvfb = shutil.which("xvfb-run")
+        if blender is None or xvfb is None:
+            missing = [n for n, p in (("blender", blender), ("xvfb-run", xvfb)) if p is None]
+            print(f"gui_check: {' and '.join(missing)} not found (apt-get install blender xvfb xauth)",
+                  file=sys.stderr)
+            return EXIT_MISSING
+    else:
+        root = debian_root()
+        if root is None or os.geteuid() != 0:
+            why = "is not built (bash scripts/debian_root.sh build)" if root is None else "needs root (chroot)"
+            print(f"gui_check: tier 4.3: the Debian 13 root {why}", file=sys.stderr)
+            return EXIT_MISSING
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    result_path = out / RESULT_NAME
-    result_path.unlink(missing_ok=True)
+    final_result = out / RESULT_NAME
+    final_result.unlink(missing_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
-    work = Path(tempfile.mkdtemp(prefix="tq-gui-"))
+    # Tier 4.3 works in a folder inside the root (its /tmp), which Blender there sees too.
+    work = Path(tempfile.mkdtemp(prefix="tq-gui-", dir=str(root / "tmp") if root else None))
+    shots = work / "out" if root else out
+    shots.mkdir(parents=True, exist_ok=True)
+    result_path = shots / RESULT_NAME
     log_path = out / "blender.log"
     try:
-        env = make_profile(work)
-        python = blender_python(blender, env)
-        deps = ensure_deps(python)
-        cmd = [
-            xvfb, "-a", "-s", f"-screen 0 {WIDTH}x{HEIGHT}x24",
-            blender, "--factory-startup", "-noaudio", "--enable-event-simulate",
-            "--python-exit-code", "1",
-            "--python", str(Path(__file__).resolve()), "--",
-            "--inside", "--result", str(result_path), "--shots", str(out), "--deps", str(deps),
-            "--timeout", str(max(30.0, args.timeout - 30.0)),
-        ]
+        timeout_inside = str(max(30.0, args.timeout - 30.0))
+        if root is None:
+            env = make_profile(work)
+            python = blender_python(blender, env)
+            deps = ensure_deps(python)
+            cmd = [
+                xvfb, "-a", "-s", f"-screen 0 {WIDTH}x{HEIGHT}x24",
+                blender, "--factory-startup", "-noaudio", "--enable-event-simulate",
+                "--python-exit-code", "1",
+                "--python", str(Path(__file__).resolve()), "--",
+                "--inside", "--tier", args.tier, "--result", str(result_path), "--shots", str(shots),
+                "--deps", str(deps), "--timeout", timeout_inside,
+            ]
+        else:
+            inner = "/" + str(work.relative_to(root))
+            inner_env = root_env(inner)
+            for value in inner_env.values():
+                if value.startswith(inner):
+                    (root / value.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            install_started = time.time()
+            install_extension(root, work, inner, inner_env, out / "install.log")
+            install_s = round(time.time() - install_started, 1)
+            inner_shots = f"{inner}/out"
+            # No --factory-startup: the preferences the installer wrote (the extension
+            # enabled) are what this Blender starts with, as a user's would.
+            cmd = in_root(
+                inner_env, "xvfb-run", "-a", "-s", f"-screen 0 {WIDTH}x{HEIGHT}x24",
+                "blender", "-noaudio", "--enable-event-simulate", "--python-exit-code", "1",
+                "--python", str(Path(__file__).resolve()), "--",
+                "--inside", "--tier", args.tier, "--result", f"{inner_shots}/{RESULT_NAME}",
+                "--shots", inner_shots, "--timeout", timeout_inside,
+            )
+            env = dict(os.environ)
         started = time.time()
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -398,6 +488,11 @@ def launch(args: argparse.Namespace) -> int:
                         continue
         ended = time.time()
         log_text = log_path.read_text(encoding="utf-8", errors="replace")
+        if root is not None:  # bring the root's outputs out to --out
+            for item in shots.iterdir():
+                if item.is_file():
+                    shutil.copyfile(item, out / item.name)
+            result_path = final_result
         if result_path.is_file():
             result = json.loads(result_path.read_text(encoding="utf-8"))
         else:
@@ -411,16 +506,22 @@ def launch(args: argparse.Namespace) -> int:
         }
         if result.get("quit_requested_at"):
             outer["quit_seconds"] = round(ended - result["quit_requested_at"], 2)
+        if root is not None:
+            outer["install_seconds"] = install_s
+        result["tier"] = args.tier
         result["outer"] = outer
         ok = bool(result.get("ok")) and returncode == 0
         result["ok"] = ok
         result_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
         if args.docs is not None:
             args.docs.mkdir(parents=True, exist_ok=True)
+            # docs/panel-<moment>.png for 3.4, docs/panel-4.3-<moment>.png for 4.3.
+            tag = "" if args.tier == "3.4" else f"-{args.tier}"
             for moment in SHOT_MOMENTS:
-                shot = out / f"panel-{moment}.png"
-                if shot.is_file():
-                    shutil.copyfile(shot, args.docs / shot.name)
+                for what in ("panel", "statusbar"):
+                    shot = out / f"{what}-{moment}.png"
+                    if shot.is_file() and (what == "panel" or moment == "busy"):
+                        shutil.copyfile(shot, args.docs / f"{what}{tag}-{moment}.png")
         for line in summary_lines(result):
             print(line)
         if outer["log_warnings"]:
@@ -489,8 +590,9 @@ def percentile(values: list[float], q: float) -> Optional[float]:
     return ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))]
 
 
-def write_png(path: Path, width: int, height: int, rgb_rows: list[bytes]) -> None:
-    """A plain 8-bit RGB PNG (no Pillow in Blender's Python)."""
+def write_png(path: Path, width: int, height: int, rgb_rows: list[bytes], filter_up: bool = True) -> None:
+    """A plain 8-bit RGB PNG (no Pillow in Blender's Python). ``filter_up=False`` for a
+    whole window: bigger, but written in a fraction of the time."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -501,7 +603,7 @@ def write_png(path: Path, width: int, height: int, rgb_rows: list[bytes]) -> Non
         raw += row
     # Apply the Up filter in place, bottom row first so each row still sees its original neighbour.
     stride = width * 3 + 1
-    for y in range(height - 1, 0, -1):
+    for y in range(height - 1, 0, -1) if filter_up else ():
         start = y * stride
         prev = raw[start - stride + 1:start]
         cur = raw[start + 1:start + stride]
@@ -509,9 +611,31 @@ def write_png(path: Path, width: int, height: int, rgb_rows: list[bytes]) -> Non
         raw[start + 1:start + stride] = bytes((c - p) & 0xFF for c, p in zip(cur, prev, strict=True))
     data = b"\x89PNG\r\n\x1a\n"
     data += chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    data += chunk(b"IDAT", zlib.compress(bytes(raw), 9))
+    data += chunk(b"IDAT", zlib.compress(bytes(raw), 9 if filter_up else 6))
     data += chunk(b"IEND", b"")
     path.write_bytes(data)
+
+
+def xwd_to_png(src: Path, dst: Path) -> None:
+    """An X server's screen dump (``xwd -root``: ZPixmap, 32 bits a pixel) as a PNG."""
+    data = src.read_bytes()
+    h = struct.unpack(">25I", data[:100])  # XWDFileHeader, always written big-endian
+    header_size, width, height, byte_order, bpp, bpl, red_mask, ncolors = (
+        h[0], h[4], h[5], h[7], h[11], h[12], h[14], h[19])
+    if bpp != 32:
+        raise RuntimeError(f"xwd: {bpp} bits a pixel, expected 32")
+    off = header_size + ncolors * 12  # the XWDColor entries (12 bytes each) come first
+    if byte_order == 0:  # LSBFirst: a pixel 0x00RRGGBB is the bytes B G R 0
+        r, g, b = (2, 1, 0) if red_mask == 0xFF0000 else (0, 1, 2)
+    else:
+        r, g, b = (1, 2, 3) if red_mask == 0xFF0000 else (3, 2, 1)
+    rows = []
+    for y in range(height):
+        row = data[off + y * bpl:off + y * bpl + width * 4]
+        rgb = bytearray(width * 3)
+        rgb[0::3], rgb[1::3], rgb[2::3] = row[r::4], row[g::4], row[b::4]
+        rows.append(bytes(rgb))
+    write_png(dst, width, height, rows, filter_up=False)
 
 
 class Recorder:
@@ -532,6 +656,9 @@ class Recorder:
         self.shown: dict[str, list[tuple[float, float]]] = {}  # job id -> (drawn at, report shown)
         self.track_progress: set[str] = set()  # jobs whose drawn percentages are noted in rows
         self.output_draws: list[tuple[float, str, list[str], bool]] = []  # (time, job id, lines, log)
+        self.statusbar_draws: list[tuple[float, Optional[tuple]]] = []  # (time, what it showed)
+        self.statusbar_busy = 0  # status bar draws that showed the indicator
+        self.statusbar_idle = 0  # and that showed nothing
 
     def addon_intervals(self) -> list[tuple[float, float]]:
         spans = [(t, t + d) for t, d, _ in self.ticks] + [(t, t + d) for t, d in self.panel_draws]
@@ -546,11 +673,14 @@ class GuiCheck:
 
         self.bpy = bpy
         self.opts = opts
+        self.tier = opts.tier
+        self.module = PACKAGE if self.tier == "3.4" else EXTENSION_MODULE
         self.shots = Path(opts.shots)
         self.result_path = Path(opts.result)
         self.rec = Recorder()
         self.result: dict[str, Any] = {
             "blender_version": bpy.app.version_string,
+            "tier": opts.tier,
             "python_version": "%d.%d.%d" % sys.version_info[:3],
             "window": None,
             "checks": {},
@@ -641,7 +771,18 @@ class GuiCheck:
         self.bpy.ops.wm.redraw_timer(type="DRAW_WIN_SWAP", iterations=1)
 
     def take_screenshot(self, path: Path) -> None:
-        self.bpy.ops.screen.screenshot(filepath=str(path), check_existing=False)
+        if self.tier == "3.4":
+            self.bpy.ops.screen.screenshot(filepath=str(path), check_existing=False)
+            return
+        # Blender 4.3's screenshot reads the window's front buffer, which Mesa's llvmpipe
+        # under Xvfb leaves black; the X server has what the window shows (Blender's
+        # window is the whole screen here, at its origin).
+        dump = path.with_suffix(".xwd")
+        subprocess.run(["xwd", "-root", "-silent", "-out", str(dump)], check=True, timeout=30)
+        try:
+            xwd_to_png(dump, path)
+        finally:
+            dump.unlink(missing_ok=True)
 
     def sim(self, event: str, value: str, x: int, y: int, **mods: bool) -> None:
         self.window.event_simulate(event, value, x=int(x), y=int(y), **mods)
@@ -685,6 +826,12 @@ class GuiCheck:
         area, region = self.view3d()
         crop = self.shots / f"panel-{moment}.png"
         self.crop(full, crop, region.x, region.y, region.width, region.height)
+        # The status bar (a global area, not in screen.areas: the strip below them), its
+        # right half, where the indicator draws after Blender's own status.
+        bar_h = min(a.y for a in self.window.screen.areas)
+        if bar_h > 4:
+            self.crop(full, self.shots / f"statusbar-{moment}.png", self.window.width // 2, 0,
+                      self.window.width - self.window.width // 2, bar_h)
         self.result["screenshots"][moment] = {
             "window": str(full), "panel": str(crop), "panel_bytes": crop.stat().st_size,
             "panel_size": [region.width, region.height],
@@ -741,8 +888,13 @@ class GuiCheck:
 
     # ---- instrumentation
 
+    def sub(self, name: str) -> Any:
+        """The add-on's module ``name`` ("blender.panel"), as Blender loaded it (a
+        plain ``import blender_taskqueue.x`` would load a second copy in 4.3)."""
+        return importlib.import_module(f"{self.module}.{name}")
+
     def instrument(self) -> None:
-        from blender_taskqueue.blender import panel, runtime
+        panel, runtime = self.sub("blender.panel"), self.sub("blender.runtime")
 
         rec = self.rec
         pump = runtime.pump()
@@ -802,7 +954,7 @@ class GuiCheck:
 
         # The details' "Output" box (the tail of a job's log, Folder and Log buttons):
         # the details panel calls the module's _output, so the module attribute is wrapped.
-        from blender_taskqueue.blender import background
+        background = self.sub("blender.background")
 
         original_output = panel._output
 
@@ -814,6 +966,20 @@ class GuiCheck:
                 rec.output_draws.append((time.perf_counter(), info.id, list(lines), log is not None))
 
         panel._output = output
+
+        # What the status bar's indicator showed at each of its draws (drawn just before).
+        statusbar = self.sub("blender.statusbar")
+
+        def statusbar_drawn(_self: Any, _context: Any) -> None:
+            shown = statusbar._last
+            if shown:
+                rec.statusbar_busy += 1
+            else:
+                rec.statusbar_idle += 1
+            if len(rec.statusbar_draws) < 5000:
+                rec.statusbar_draws.append((time.perf_counter(), shown))
+
+        self.bpy.types.STATUSBAR_HT_header.append(statusbar_drawn)
 
         # When Blender finished drawing the sidebar and the viewport (any cause).
         view3d = self.bpy.types.SpaceView3D
@@ -832,7 +998,7 @@ class GuiCheck:
         pump.tick = tick  # the timer calls self.tick(): the instance attribute wins
 
     def register_kinds(self) -> None:
-        from blender_taskqueue import job_kind
+        job_kind = self.tq.job_kind
 
         sent = self.rec.sent
 
@@ -1032,7 +1198,7 @@ class GuiCheck:
         region.tag_redraw()
 
     def prefs(self) -> Any:
-        return self.bpy.context.preferences.addons[PACKAGE].preferences
+        return self.bpy.context.preferences.addons[self.module].preferences
 
     def drawn_after(self, job_id: str, t: float) -> bool:
         row = self.rec.rows.get(job_id)
@@ -1052,17 +1218,22 @@ class GuiCheck:
         yield from self.stalls()
         yield from self.mixed_batch()
         yield from self.background_render()
+        yield from self.generation()
 
         # Quit with a job still running: Blender must exit promptly all the same.
         left = self.tq.submit("demo.render", {"frames": 1000, "seconds_per_frame": 0.2},
                               label="Still running at quit")
         yield Until(lambda: self.tq.get(left).state.value == "running", 10.0, "the last job to run")
+        yield from self.statusbar_click()
         self.result["pump"] = self.pump_figures()
         self.result["targets"] = self.targets()
 
     def enable_addon(self) -> Iterator[Any]:
         import addon_utils
 
+        if self.tier != "3.4":
+            yield from self.check_extension()
+            return
         errors: list[str] = []
 
         def on_error(exc: BaseException) -> None:
@@ -1080,6 +1251,108 @@ class GuiCheck:
         self.instrument()
         self.register_kinds()
         yield 0.0  # one turn of the event loop
+
+    def check_extension(self) -> Iterator[Any]:
+        """Blender 4.2+: the extension that Blender's installer put into the profile and
+        enabled (``extension install-file --enable``) is loaded at startup, with the
+        zip's wheels for this Python."""
+        import addon_utils
+
+        loaded_default, loaded = addon_utils.check(self.module)
+        enabled = self.module in self.bpy.context.preferences.addons
+        module = sys.modules.get(self.module)
+        self.result["addon_errors"] = [] if enabled and loaded else [
+            f"{self.module}: enabled in the preferences {enabled}, loaded {loaded}"]
+        import blender_taskqueue as tq  # the console alias the add-on provides
+
+        import pydantic_core  # a compiled wheel from the zip (cp3XX)
+
+        self.tq = tq
+        self.result["addon_file"] = getattr(module, "__file__", None)
+        self.result["extension"] = {
+            "module": self.module, "enabled": enabled, "loaded": bool(loaded),
+            "alias_is_extension": tq is module, "pydantic_core": pydantic_core.__file__,
+        }
+        self.checks["addon_enabled"] = enabled and bool(loaded) and tq is module
+        if not self.checks["addon_enabled"]:
+            raise RuntimeError(f"the extension is not enabled: {self.result['extension']}")
+        self.instrument()
+        self.register_kinds()
+        yield 0.0
+
+    def generation(self) -> Iterator[Any]:
+        """A ComfyUI generation through the panel's Generate section (its operator),
+        against the repo's faithful fake ComfyUI (scripts/comfyui_fake.py) on 127.0.0.1:
+        a screenshot while it samples and one with the image it brought back."""
+        bpy, tq = self.bpy, self.tq
+        sys.path.insert(0, str(ROOT / "scripts"))
+        try:
+            import comfyui_fake  # type: ignore[import-not-found]
+        finally:
+            sys.path.pop(0)
+        comfy = comfyui_fake.FakeComfyUI(step_s=0.25, steps=20).start()
+        try:
+            tq.clear_finished()
+            self.prefs().comfyui_servers = comfy.url
+            gen = bpy.context.scene.taskqueue_generate
+            gen.prompt, gen.random_seed, gen.seed, gen.count = "a lighthouse in a storm", False, 7, 1
+            before = {i.id for i in tq.jobs()}
+            outcome = bpy.ops.taskqueue.generate()
+            new = [i.id for i in tq.jobs() if i.id not in before and i.kind == "comfyui.prompt"]
+            info: dict[str, Any] = {"operator": sorted(outcome), "jobs": len(new)}
+            self.result["generate"] = info
+            if len(new) != 1:
+                raise RuntimeError(f"the Generate operator queued {len(new)} ComfyUI jobs: {outcome}")
+            job = new[0]
+            self.select(job)
+            yield Until(lambda: tq.get(job).progress >= 0.4 or tq.get(job).state.is_terminal, 60.0,
+                        "the generation to sample")
+            info["stage_while_running"] = tq.get(job).stage
+            yield from self.screenshot("generate")
+            yield Until(lambda: tq.get(job).state.is_terminal, 60.0, "the generation to finish")
+            done = tq.get(job)
+            result = done.result if isinstance(done.result, dict) else {}
+            info.update(state=done.state.value, files=[Path(f).name for f in result.get("files") or []],
+                        datablocks=result.get("datablocks"), submissions=len(comfy.submissions),
+                        error=f"{done.error.type}: {done.error.message}" if done.error else None)
+            self.checks["generation_completed_with_an_image"] = (
+                done.state.value == "completed" and bool(result.get("datablocks"))
+                and len(comfy.submissions) == 1)
+            yield 0.5  # the image's preview icon renders in the background
+            yield from self.screenshot("generated")
+        finally:
+            comfy.stop()
+
+    def statusbar_click(self) -> Iterator[Any]:
+        """The status bar's indicator while a job runs, and its button: the sidebar
+        hidden, the button's operator opens it again, on the Task Queue tab (the tab
+        the sidebar last showed: 4.2+ cannot choose it from Python; 3.4 keeps it)."""
+        area, region = self.view3d()
+        shown = time.perf_counter()
+        yield Until(lambda: any(t > shown and s for t, s in self.rec.statusbar_draws), 5.0,
+                    "the status bar to show the running job")
+        yield from self.screenshot("statusbar")
+        area.spaces[0].show_region_ui = False
+        yield 0.3
+        outcome = self.bpy.ops.taskqueue.show_panel()
+        yield Until(lambda: self.view3d()[1].width > 1, 5.0, "the sidebar to open again")
+        drawn_at = time.perf_counter()
+        yield Until(lambda: self.panel_drew_since(drawn_at), 5.0, "the panel to draw")
+        self.redraw_now()
+        self.take_screenshot(self.shots / "window-statusbar-click.png")
+        _, region = self.view3d()
+        self.result["statusbar"] = {
+            "operator": sorted(outcome), "sidebar_open": bool(area.spaces[0].show_region_ui),
+            "category": getattr(region, "active_panel_category", None),
+            "drawn": [s for _, s in self.rec.statusbar_draws if s][-3:],
+            "drawn_while_busy": self.rec.statusbar_busy, "drawn_when_idle": self.rec.statusbar_idle,
+        }
+        self.checks["statusbar_shows_running_jobs"] = self.rec.statusbar_busy > 0
+        self.checks["statusbar_button_opens_the_tab"] = (
+            outcome == {"FINISHED"} and bool(area.spaces[0].show_region_ui) and self.panel_drew_since(drawn_at))
+        area, _ = self.view3d()
+        self.sim("ESC", "PRESS", area.x + area.width // 3, area.y + area.height // 2)
+        self.sim("ESC", "RELEASE", area.x + area.width // 3, area.y + area.height // 2)
 
     def open_sidebar_tab(self) -> Iterator[Any]:
         area, _ = self.view3d()
@@ -1404,7 +1677,7 @@ class GuiCheck:
             len(files) == RENDER_FRAMES[1] - RENDER_FRAMES[0] + 1 and render["frames_ok"] == len(files))
         # The Output box re-reads the log at most every TAIL_REFRESH_S: wait that out, so
         # the box has the whole log and keeps its height while the sidebar is scrolled.
-        from blender_taskqueue.blender import background
+        background = self.sub("blender.background")
 
         yield background.TAIL_REFRESH_S + 0.1
         # The operator selected its job: its details, scrolled down to the Output box.
@@ -1515,10 +1788,12 @@ def inside(argv: list[str]) -> None:
     parser.add_argument("--inside", action="store_true")
     parser.add_argument("--result", required=True)
     parser.add_argument("--shots", required=True)
-    parser.add_argument("--deps", required=True)
+    parser.add_argument("--deps", default="")  # 3.4: the add-on's dependencies (4.3: the zip's wheels)
+    parser.add_argument("--tier", choices=TIERS, default="3.4")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S - 30.0)
     opts = parser.parse_args(argv)
-    sys.path.insert(0, opts.deps)
+    if opts.deps:
+        sys.path.insert(0, opts.deps)
     import bpy
 
     # No splash over the viewport, and quitting never asks to save.
@@ -1541,6 +1816,10 @@ def main() -> int:
                         help="also copy the sidebar screenshots (panel-*.png) here")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the whole run")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway profile folder")
+    parser.add_argument("--tier", choices=TIERS, default="3.4",
+                        help="3.4: this machine's Blender, the add-on loaded the legacy way; 4.3: "
+                             "Blender 4.3 in the Debian 13 root of scripts/debian_root.sh, the "
+                             "extension zip installed by Blender's extension installer")
     return launch(parser.parse_args())
 
 

@@ -10,7 +10,7 @@ costs one small region redraw at that rate at most, and an idle one nothing.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import bpy
 
@@ -125,7 +125,7 @@ class TASKQUEUE_OT_show_panel(bpy.types.Operator):
     bl_label = "Show Task Queue"
     bl_options = {"INTERNAL"}
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[Literal["FINISHED", "CANCELLED"]]:  # type: ignore[override]
         found = _view3d(context)
         if found is None:
             self.report({"WARNING"}, "No 3D Viewport in this window to show the Task Queue in")
@@ -134,19 +134,16 @@ class TASKQUEUE_OT_show_panel(bpy.types.Operator):
         area.spaces.active.show_region_ui = True
         area.tag_redraw()
         category = getattr(region, "active_panel_category", None)
-        if category == CATEGORY:
+        if category in (None, CATEGORY):  # ours, or a Blender that does not say (3.x)
             return {"FINISHED"}
-        try:  # writable in some Blenders; read-only in 4.2+, absent before 4.1
+        try:  # writable in some Blenders; read-only in 4.2+
             region.active_panel_category = CATEGORY
             return {"FINISHED"}
         except (AttributeError, TypeError, ValueError):
             pass
-        # The tab cannot be chosen from Python here: show the panel as a popover at once
-        # (its tab is one click or Ctrl+Tab away in the sidebar that is now open).
-        try:
-            bpy.ops.wm.call_panel(name="VIEW3D_PT_taskqueue", keep_open=True)
-        except RuntimeError:  # no window to open it in (background mode)
-            pass
+        # Python cannot choose the tab here (and a popover of the panel crashes 3.4):
+        # the sidebar is open, its tab one click away.
+        self.report({"INFO"}, "Task Queue: click its tab in the sidebar (or Ctrl+Tab over the sidebar)")
         return {"FINISHED"}
 
 
