@@ -215,6 +215,13 @@ def generate(
     """
     from .kinds import comfyui
 
+    if server is None and "bpy" in sys.modules:  # in Blender: the preferences' servers
+        try:
+            from .blender import generate as _generate
+
+            server = _generate._servers(None)
+        except Exception:  # the add-on is not enabled: the default server
+            server = None
     submit_keys = {"priority", "label", "timeout", "max_retries", "memory_mb", "held", "depends_on",
                    "not_before"}
     submit_options = {k: options.pop(k) for k in list(options) if k in submit_keys}

@@ -130,6 +130,13 @@ def phase_main(zip_path: Path, blend: Path) -> int:
     bpy.ops.taskqueue.generate()
     generations = [i.id for i in tq.jobs() if i.kind == "comfyui.prompt"]
     ids += generations
+    # A pipeline (the Generate section's "Render Frames" input, here from the console):
+    # render frames 1-3 in the background, then each frame through an image-to-image
+    # workflow once the render is done, the results loaded into Blender.
+    pipeline = tq.render_and_generate(1, 3, prompt="the same shot as a watercolour", seed=11,
+                                      label="Watercolour", memory_mb=None,
+                                      output_dir=str(blend.parent / "renders" / "pipeline"))
+    ids += pipeline
     turntable = ids[5]
     tty = sys.stdout.isatty()
     started = time.monotonic()
@@ -163,7 +170,12 @@ def phase_main(zip_path: Path, blend: Path) -> int:
             print(f"\nComfyUI generation '{info.label}': prompt {info.result['prompt_id']} on "
                   f"{info.result['server']} -> {', '.join(Path(f).name for f in info.result['files'])}, "
                   f"loaded as image(s) {', '.join(info.result.get('datablocks') or [])}")
-    print(f"ComfyUI saw {len(comfy.submissions)} prompt(s) for {len(generations)} generation job(s).")
+    steps = [tq.get(i) for i in pipeline]
+    print(f"\nPipeline: {steps[0].label} -> {len(steps) - 1} image-to-image generations, each after it "
+          f"({', '.join(i.state.value for i in steps)}); images "
+          + ", ".join(n for i in steps[1:] for n in (i.result or {}).get("datablocks", [])))
+    print(f"ComfyUI saw {len(comfy.submissions)} prompt(s) for {len(generations) + len(steps) - 1} "
+          "generation job(s).")
     comfy.stop()
     made = sorted(o.name for o in bpy.data.objects if o.name.startswith("TQ_Empty_"))
     print(f"\nObjects made on the main thread: {', '.join(made)}")
@@ -175,6 +187,11 @@ def phase_main(zip_path: Path, blend: Path) -> int:
             for n in (1, 2, 3)
         ]
     )
+    # A chain, kept with its edges in the .blend: the comp runs only after the plate.
+    later += tq.pipeline([
+        ("demo.render", {"frames": 4, "seconds_per_frame": 0.05}, {"label": "Overnight plate"}),
+        ("demo.render", {"frames": 4, "seconds_per_frame": 0.05}, {"label": "Overnight comp (after the plate)"}),
+    ])
     tq.pump()
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     print(f"\nPaused the queue, queued {len(later)} more jobs, saved {blend}")
@@ -206,6 +223,12 @@ def phase_reopen(zip_path: Path, blend: Path) -> int:
         return 1
     for info in (tq.get(i) for i in expected):
         print(f"  {info.label}: {info.state.value}")
+    plate, comp = (tq.get(i) for i in expected[-2:])
+    if comp.depends_on != (plate.id,) or (comp.started_at or 0) < (plate.finished_at or 1e18):
+        print("demo: the chain saved in the .blend did not run in order")
+        return 1
+    print(f"  '{comp.label}' started {comp.started_at - plate.finished_at:.2f} s after the plate ended: "
+          "the chain came back from the .blend with its edge")
     return 0
 
 

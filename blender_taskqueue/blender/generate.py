@@ -62,6 +62,8 @@ def render_and_generate(
     end = int(scene.frame_end if frame_end is None else frame_end)
     if not 1 <= end - start + 1 <= MAX_PIPELINE_FRAMES:
         raise ValueError(f"frames {start}..{end}: a pipeline takes 1 to {MAX_PIPELINE_FRAMES} frames")
+    if server is None:  # the servers of the add-on's preferences, as the Generate button uses
+        server = _servers(bpy.context)
     batch = comfyui.generation_params(
         workflow_file or str(comfyui.IMG2IMG_WORKFLOW), prompt=prompt, negative=negative, seed=seed,
         count=end - start + 1, server=server, input_from_previous=True,
