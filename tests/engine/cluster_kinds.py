@@ -42,8 +42,14 @@ def fails(ctx: Any, params: dict) -> None:
     raise ValueError(f"bad input {params.get('what')!r}")
 
 
+def gather(ctx: Any, params: dict) -> dict:
+    """What a pipeline step on a worker got from the jobs it depends on."""
+    return {"inputs": dict(ctx.inputs), "pid": os.getpid()}
+
+
 SPECS = [
     KindSpec("cl.steps", steps, remote_ok=True),
+    KindSpec("cl.gather", gather, remote_ok=True),
     KindSpec("cl.forever", forever, remote_ok=True),
     KindSpec("cl.fails", fails, remote_ok=True),
     KindSpec("cl.local", lambda ctx, params: os.getpid()),

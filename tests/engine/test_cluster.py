@@ -88,6 +88,20 @@ def test_a_remote_error_fails_the_job_with_its_message(engine):
     assert info.error.type == "ValueError" and info.error.message == "bad input 'x'"
 
 
+def test_a_remote_pipeline_step_gets_the_results_it_depends_on(engine, tmp_path):
+    log = tmp_path / "log"
+    first, local, last = engine.submit_many([
+        {"kind": "cl.steps", "name": "a", "params": {"n": 2, "delay": 0.01, "log": str(log)}},
+        {"kind": "cl.local", "name": "b"},
+        {"kind": "cl.gather", "depends_on": ["@a", "@b"]},
+    ])
+    info = finish(engine, last)
+    assert info.state is JobState.COMPLETED, info.error
+    a, b = engine.get(first), engine.get(local)
+    assert info.result["inputs"] == {first: a.result, local: b.result}
+    assert info.result["pid"] != os.getpid()  # it ran on a worker
+
+
 def test_cancel_stops_a_running_remote_job(engine, tmp_path):
     log = tmp_path / "log"
     job_id = engine.submit("cl.forever", {"log": str(log)})
